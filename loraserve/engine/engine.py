@@ -1,0 +1,278 @@
+"""The synchronous engine: ``add_request`` / ``step`` / ``abort``, shared by the offline API and the server."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loraserve.config import EngineConfig
+from loraserve.core import CompletionOutput, LoRARequest, RequestOutput, Sequence, SeqStatus
+from loraserve.detokenize import OutputText
+from loraserve.engine.runner import ModelRunner
+from loraserve.engine.scheduler import ScheduledSeq, Scheduler
+from loraserve.kvcache.block_manager import BlockManager
+from loraserve.lora.adapter import AdapterError
+from loraserve.lora.store import AdapterEntry, AdapterNotFound, AdapterStore
+from loraserve.sampling import SampleRow, Sampler, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    seqs: list[Sequence]
+    lora_name: str | None
+    arrival: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class StepStats:
+    """Counters of the last step, for metrics and benchmarks."""
+
+    num_tokens: int = 0
+    num_seqs: int = 0
+    num_adapters: int = 0
+    adapter_bytes: int = 0
+
+
+class LLMEngine:
+    """One base model, many adapters, continuous batching. Not thread-safe: one caller drives ``step``."""
+
+    def __init__(self, cfg: EngineConfig, tokenizer) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(cfg)
+        self.blocks = BlockManager(self.runner.num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
+        self.store = (
+            AdapterStore(cfg.model, cfg.lora, self.runner.pool, cfg.dtype) if self.runner.pool is not None else None
+        )
+        self.scheduler = Scheduler(cfg.scheduler, self.blocks, self.store)
+        self.sampler = Sampler()
+        self.requests: dict[str, _Request] = {}
+        self.last_step = StepStats()
+        self.finished_listeners: list[Callable[[RequestOutput], None]] = []
+        self._eos = frozenset(cfg.model.eos_token_ids)
+
+    # adapters -------------------------------------------------------------------------------
+    def add_lora(self, name: str, path: str | Path, pinned: bool = False) -> AdapterEntry:
+        """Register (or re-register) an adapter; raises AdapterError and changes nothing if refused."""
+        if self.store is None:
+            raise AdapterError(f"adapter {name!r}: LoRA is disabled on this engine (enable_lora=False)")
+        return self.store.register(name, path, pinned=pinned)
+
+    def remove_lora(self, name: str) -> None:
+        self._require_store().remove(name)
+
+    def pin_lora(self, name: str, pinned: bool = True) -> AdapterEntry:
+        return self._require_store().set_pinned(name, pinned)
+
+    def list_loras(self) -> list[AdapterEntry]:
+        return self.store.list() if self.store is not None else []
+
+    def resolve_lora(self, lora: LoRARequest | str | None) -> AdapterEntry | None:
+        """Map a request's adapter reference to a registered entry.
+
+        A ``LoRARequest`` or string names a registered adapter; an unregistered one with a path (a
+        ``LoRARequest.lora_path``, or a string that is an existing directory) is registered on the
+        fly under that name, as vLLM does.
+        """
+        if lora is None:
+            return None
+        store = self._require_store()
+        if isinstance(lora, LoRARequest):
+            name, path = lora.lora_name, lora.lora_path
+        else:
+            name, path = lora, (lora if Path(lora).is_dir() else None)
+        if name in store.by_name:
+            entry = store.by_name[name]
+            if path is None or Path(path).resolve() == Path(entry.path):
+                return entry
+        if path is None:
+            raise AdapterNotFound(f"no adapter named {name!r} is registered and no path was given")
+        self._check_allowed(path)
+        return store.register(name, path)
+
+    def _check_allowed(self, path: str | Path) -> None:
+        roots = self.cfg.lora.lora_roots
+        if not self.cfg.lora.allow_runtime_paths:
+            raise AdapterError(f"adapter path {path}: loading adapters by path at request time is disabled")
+        if not roots:
+            return
+        real = Path(path).resolve()
+        if not any(real.is_relative_to(Path(r).resolve()) for r in roots):
+            raise AdapterError(f"adapter path {path} resolves to {real}, outside the allowed roots {list(roots)}")
+
+    def _require_store(self) -> AdapterStore:
+        if self.store is None:
+            raise AdapterError("LoRA is disabled on this engine (enable_lora=False)")
+        return self.store
+
+    # requests -------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        adapter: AdapterEntry | None = None,
+        prompt: str | None = None,
+    ) -> None:
+        """Queue a request. Raises ValueError for a prompt that cannot fit the context or the cache."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_ids:
+            raise ValueError("prompt must contain at least one token")
+        max_len = self.cfg.max_model_len
+        if len(prompt_ids) >= max_len:
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens; the model's context is {max_len} tokens "
+                "and at least one must be left to generate"
+            )
+        vocab = self.cfg.model.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if self.blocks.blocks_needed(len(prompt_ids) + 1) > self.blocks.num_blocks:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the KV cache")
+        if adapter is not None and adapter.removed:
+            raise AdapterNotFound(f"adapter {adapter.name!r} was removed")
+        seqs = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
+            seqs.append(
+                Sequence(
+                    request_id=request_id, index=i, token_ids=list(prompt_ids), num_prompt_tokens=len(prompt_ids),
+                    params=params, adapter=adapter, generator=gen,
+                    detok=OutputText(self.tokenizer, prompt_ids, params) if self.tokenizer is not None else None,
+                )
+            )
+        self.requests[request_id] = _Request(
+            request_id, prompt, list(prompt_ids), seqs, adapter.name if adapter is not None else None
+        )
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now, freeing its KV blocks and adapter reference. False if unknown."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        for seq in req.seqs:
+            if not seq.finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step and forward pass; return the outputs of requests that advanced."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        batch, logits = self.runner.run(scheduled, self.store)
+        sampling = [item for item in batch if item.samples]
+        self.scheduler.on_step_done(scheduled)
+        self._record_stats(scheduled)
+        rows = [
+            SampleRow(s.params, s.token_ids[: s.num_prompt_tokens], s.output_ids, s.generator, self._eos)
+            for s in (item.seq for item in sampling)
+        ]
+        results = self.sampler(logits, rows) if rows else []
+        touched: dict[str, _Request] = {}
+        now = time.monotonic()
+        for item, res in zip(sampling, results, strict=True):
+            seq = item.seq
+            if seq.finished:
+                continue
+            seq.token_ids.append(res.token_id)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.token_logprobs.append(res.logprob)
+            if res.top_logprobs is not None:
+                seq.logprobs.append(res.top_logprobs)
+            self._check_finish(seq, res.token_id)
+            req = self.requests.get(seq.request_id)
+            if req is not None:
+                touched[req.request_id] = req
+        outputs = []
+        for req in touched.values():
+            out = self._output(req)
+            if out.finished:
+                del self.requests[req.request_id]
+                for listener in self.finished_listeners:
+                    listener(out)
+            outputs.append(out)
+        return outputs
+
+    def _check_finish(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        reason: str | None = None
+        stop_reason: int | str | None = None
+        # The sampler masks EOS and stop ids until min_tokens, so a sampled one always counts.
+        is_eos = token in self._eos and not p.ignore_eos
+        is_stop_id = token in (p.stop_token_ids or [])
+        if is_eos or is_stop_id:
+            reason, stop_reason = "stop", (token if is_stop_id else None)
+            if seq.detok is not None and p.include_stop_str_in_output:
+                seq.detok.add(token)
+        elif seq.detok is not None:
+            hit = seq.detok.add(token)
+            if hit is not None:
+                reason, stop_reason = "stop", hit
+        if reason is None and (
+            (p.max_tokens is not None and seq.num_output >= p.max_tokens) or seq.num_tokens >= self.cfg.max_model_len
+        ):
+            reason = "length"
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason, stop_reason
+            if seq.detok is not None:
+                seq.detok.finish()
+            self.scheduler.finish(seq)
+
+    def _output(self, req: _Request) -> RequestOutput:
+        outs = []
+        for seq in req.seqs:
+            outs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=seq.detok.text if seq.detok is not None else "",
+                    token_ids=list(seq.output_ids),
+                    cumulative_logprob=float(sum(seq.token_logprobs)),
+                    logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        first = min((s.first_token_time for s in req.seqs if s.first_token_time), default=None)
+        metrics = {"arrival": req.arrival}
+        if first is not None:
+            metrics["first_token"] = first
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_ids,
+            outputs=outs,
+            finished=all(s.status is SeqStatus.FINISHED for s in req.seqs),
+            lora_name=req.lora_name,
+            num_cached_tokens=max(s.num_cached_prompt for s in req.seqs),
+            metrics=metrics,
+        )
+
+    def _record_stats(self, scheduled: list[ScheduledSeq]) -> None:
+        adapters = {item.seq.adapter for item in scheduled if item.seq.adapter is not None}
+        self.last_step = StepStats(
+            num_tokens=sum(item.num_tokens for item in scheduled),
+            num_seqs=len(scheduled),
+            num_adapters=len(adapters),
+            adapter_bytes=sum(a.nbytes for a in adapters),
+        )

@@ -1,0 +1,169 @@
+"""The device adapter pool: rank rows of every LoRA layer, allocated per adapter by its own rank.
+
+Layout (see ``loraserve.ops.lora``): for each layer kind (qkv, o, gate_up, down) one tensor
+``a[kind]``: ``[L, R, S, in]`` and ``S`` tensors ``b[kind][s]``: ``[L, R, out_s]``. An adapter of rank
+``r`` owns rows ``[row, row + r)`` in every layer and kind. Free space is kept contiguous by
+compaction between steps (moving resident adapters down), so an adapter fits whenever the free
+row count allows, whatever the mix of ranks.
+
+``PackedAdapter`` is the same layout for one adapter on the host (``[L, r, S, in]`` ...), with the
+scale folded into B: moving an adapter onto the device is one copy per pool tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loraserve.config import ModelConfig
+from loraserve.lora.adapter import LoRAWeights
+from loraserve.model.layers import LoRALayerWeights
+from loraserve.ops.lora import LoRAApplyFn
+from loraserve.model.llama import LORA_LAYER_SLICES
+
+
+def kind_shapes(cfg: ModelConfig) -> dict[str, tuple[int, list[int]]]:
+    """``kind -> (in_features, [out_s per slice])``."""
+    shapes = cfg.lora_shapes()
+    return {
+        kind: (shapes[mods[0]][0], [shapes[m][1] for m in mods]) for kind, mods in LORA_LAYER_SLICES.items()
+    }
+
+
+@dataclass
+class PackedAdapter:
+    """One adapter in pool layout on the host: ``a[kind]`` ``[L, r, S, in]``, ``b[kind][s]`` ``[L, r, out_s]``."""
+
+    rank: int
+    a: dict[str, torch.Tensor]
+    b: dict[str, list[torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.a.values()) + sum(
+            t.numel() * t.element_size() for bs in self.b.values() for t in bs
+        )
+
+    def pin_memory(self) -> PackedAdapter:
+        return PackedAdapter(
+            self.rank,
+            {k: v.pin_memory() for k, v in self.a.items()},
+            {k: [t.pin_memory() for t in v] for k, v in self.b.items()},
+        )
+
+
+def pack_adapter(weights: LoRAWeights, cfg: ModelConfig, dtype: torch.dtype) -> PackedAdapter:
+    """Lay an adapter out in pool rows, folding each module's scale into its B.
+
+    Modules the adapter does not target, and rows past a module's own rank (``rank_pattern``),
+    stay zero, so they add nothing.
+    """
+    r = weights.rank
+    num_layers = cfg.num_layers
+    a_out: dict[str, torch.Tensor] = {}
+    b_out: dict[str, list[torch.Tensor]] = {}
+    for kind, (in_f, outs) in kind_shapes(cfg).items():
+        mods = LORA_LAYER_SLICES[kind]
+        a = torch.zeros(num_layers, r, len(mods), in_f, dtype=torch.float32)
+        bs = [torch.zeros(num_layers, r, o, dtype=torch.float32) for o in outs]
+        for (layer, name), w in weights.modules.items():
+            if name not in mods:
+                continue
+            s = mods.index(name)
+            rank = w.a.shape[0]
+            a[layer, :rank, s] = w.a
+            bs[s][layer, :rank] = (w.b * w.scale).T
+        a_out[kind] = a.to(dtype)
+        b_out[kind] = [b.to(dtype) for b in bs]
+    return PackedAdapter(r, a_out, b_out)
+
+
+class DeviceLoRAPool:
+    """Fixed device tensors for ``total_rows`` rank rows, plus a contiguous row allocator."""
+
+    def __init__(
+        self, cfg: ModelConfig, total_rows: int, dtype: torch.dtype, device: torch.device | str, apply: LoRAApplyFn
+    ) -> None:
+        self.total_rows = total_rows
+        self.device = torch.device(device)
+        self.a: dict[str, torch.Tensor] = {}
+        self.b: dict[str, list[torch.Tensor]] = {}
+        for kind, (in_f, outs) in kind_shapes(cfg).items():
+            slices = len(LORA_LAYER_SLICES[kind])
+            self.a[kind] = torch.zeros(cfg.num_layers, total_rows, slices, in_f, dtype=dtype, device=device)
+            self.b[kind] = [torch.zeros(cfg.num_layers, total_rows, o, dtype=dtype, device=device) for o in outs]
+        self.num_layers = cfg.num_layers
+        self.apply = apply
+        self._owners: dict[object, tuple[int, int]] = {}  # key -> (row, rank)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.a.values()) + sum(
+            t.numel() * t.element_size() for bs in self.b.values() for t in bs
+        )
+
+    def layer_weights(self, layer: int) -> dict[str, LoRALayerWeights]:
+        """Views of one layer's rows, handed to that layer's LoRA linears at construction."""
+        return {
+            kind: LoRALayerWeights(self.a[kind][layer], [b[layer] for b in self.b[kind]], self.apply)
+            for kind in self.a
+        }
+
+    @property
+    def free_rows(self) -> int:
+        return self.total_rows - sum(rank for _, rank in self._owners.values())
+
+    def row_of(self, key: object) -> int:
+        return self._owners[key][0]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._owners
+
+    def allocate(self, key: object, rank: int) -> int | None:
+        """Reserve ``rank`` contiguous rows for ``key``; None if fewer than ``rank`` rows are free.
+
+        Compacts when the free rows are fragmented: only between steps, since the rows of the
+        adapters that move are rewritten before the next step's metadata is built.
+        """
+        if rank > self.free_rows:
+            return None
+        row = self._first_fit(rank)
+        if row is None:
+            self._compact()
+            row = self._first_fit(rank)
+        assert row is not None
+        self._owners[key] = (row, rank)
+        return row
+
+    def release(self, key: object) -> None:
+        """Give ``key``'s rows back. Stale values are left in place: a row is only read through a segment."""
+        del self._owners[key]
+
+    def write(self, row: int, packed: PackedAdapter, non_blocking: bool = False) -> None:
+        """Copy a packed adapter into rows ``[row, row + packed.rank)`` of every layer and kind."""
+        r = packed.rank
+        for kind, a in self.a.items():
+            a[:, row : row + r].copy_(packed.a[kind], non_blocking=non_blocking)
+            for b, pb in zip(self.b[kind], packed.b[kind], strict=True):
+                b[:, row : row + r].copy_(pb, non_blocking=non_blocking)
+
+    def _first_fit(self, rank: int) -> int | None:
+        cursor = 0
+        for row, r in sorted(self._owners.values()):
+            if row - cursor >= rank:
+                return cursor
+            cursor = max(cursor, row + r)
+        return cursor if self.total_rows - cursor >= rank else None
+
+    def _compact(self) -> None:
+        cursor = 0
+        for key, (row, r) in sorted(self._owners.items(), key=lambda kv: kv[1][0]):
+            if row != cursor:
+                for a in self.a.values():
+                    a[:, cursor : cursor + r] = a[:, row : row + r].clone()
+                for bs in self.b.values():
+                    for b in bs:
+                        b[:, cursor : cursor + r] = b[:, row : row + r].clone()
+                self._owners[key] = (cursor, r)
+            cursor += r

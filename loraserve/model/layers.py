@@ -1,0 +1,131 @@
+"""Building blocks of the Llama-family model: LoRA-aware linear layers, RMSNorm, rotary embedding.
+
+LoRA is a constructor argument of the linear layers, not a wrapper swapped in after the model is
+built: each LoRA target holds views into the device adapter pool (``LoRALayerWeights``) and adds
+every token's adapter delta after the base matmul.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraserve.ops.lora import LoRAApplyFn, LoRASegments
+
+
+@dataclass
+class LoRALayerWeights:
+    """One layer's slice of the device adapter pool (see ``loraserve.ops.lora`` for the layout).
+
+    ``a``: ``[R, S, in]``; ``b``: ``S`` tensors ``[R, out_s]`` with the scale folded in.
+    ``apply``: the op that adds the deltas (torch segment loop, torch dense, or Triton).
+    """
+
+    a: torch.Tensor
+    b: list[torch.Tensor]
+    apply: LoRAApplyFn
+
+
+class LoRALinear(nn.Module):
+    """``y = x @ W^T (+ bias)`` with ``W`` the row-concatenation of ``S`` output slices, plus LoRA.
+
+    Fused projections (qkv, gate_up) keep one weight so the base matmul and the LoRA shrink read
+    ``x`` once for all slices.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_sizes: Sequence[int],
+        bias: bool = False,
+        lora: LoRALayerWeights | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_sizes = list(out_sizes)
+        self.weight = nn.Parameter(
+            torch.empty(sum(out_sizes), in_features, dtype=dtype, device=device), requires_grad=False
+        )
+        self.bias = (
+            nn.Parameter(torch.empty(sum(out_sizes), dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
+        self.lora = lora
+
+    def forward(self, x: torch.Tensor, lora_meta: LoRASegments | None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora is not None and lora_meta is not None and not lora_meta.empty:
+            self.lora.apply(y, x, self.lora.a, self.lora.b, lora_meta)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm, computed in float32 as transformers does, then cast back."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Rotary inverse frequencies, with ``linear`` and ``llama3`` scaling as transformers computes them."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return inv_freq / factor
+    if kind == "llama3":
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style rotary embedding (``rotate_half``) over a precomputed cos/sin table."""
+
+    def __init__(
+        self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None, device: torch.device | str
+    ) -> None:
+        super().__init__()
+        inv_freq = rope_inv_freq(head_dim, theta, scaling)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos().to(device), persistent=False)
+        self.register_buffer("sin", emb.sin().to(device), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q``: ``[T, H, D]``, ``k``: ``[T, KVH, D]``, ``positions``: ``[T]``."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)

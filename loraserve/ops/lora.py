@@ -1,0 +1,160 @@
+"""Batched multi-LoRA ops (torch implementation: the CPU path and the oracle for the Triton kernels).
+
+Adapter weights live in a *rank-row pool* per LoRA layer: every adapter resident on the device owns
+``r`` consecutive rows ``[row, row + r)`` of the pool, where ``r`` is its own rank (no padding to a
+maximum rank). For a layer with ``S`` fused output slices (qkv: S=3, gate_up: S=2, o/down: S=1):
+
+* ``a``: ``[R, S, in]`` -- row ``row + j`` slice ``s`` is row ``j`` of that adapter's ``A_s`` (``[r, in]``).
+  Slices share rows so that a fused projection reads ``x`` once for all slices.
+* ``b``: ``S`` tensors, ``b[s]``: ``[R, out_s]`` -- rows ``row .. row + r`` hold ``(scale_s * B_s)^T``.
+  The adapter's scaling (``alpha / r`` or rsLoRA's ``alpha / sqrt(r)``) is folded in when the
+  adapter is written into the pool, so the ops take no scale. An adapter that does not target a
+  slice (or a layer) has zeros there.
+
+A step's tokens are ordered so that the tokens of one adapter are contiguous; ``LoRASegments``
+lists those runs. Tokens of the base model belong to no segment and are never touched.
+
+Contract (each op's docstring repeats its part):
+    shrink:  t[s, i0:i1, :r] = x[i0:i1] @ a[row:row+r, s, :]^T          for each segment (i0, i1, row, r)
+    expand:  y[i0:i1, off_s:off_s+out_s] += t[s, i0:i1, :r] @ b[s][row:row+r]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LoRASegments:
+    """The per-step mapping from tokens to adapter pool rows, shared by every LoRA layer.
+
+    ``segments`` holds ``(start, end, row, rank)`` for each run of tokens that use one adapter
+    (``end`` exclusive). The tensor fields carry the same data on the device for kernels; they
+    are built once per step by the runner.
+    """
+
+    num_tokens: int
+    segments: list[tuple[int, int, int, int]]
+    max_rank: int
+    seg_start: torch.Tensor | None = None  # [N] int32
+    seg_len: torch.Tensor | None = None  # [N] int32
+    seg_row: torch.Tensor | None = None  # [N] int32
+    seg_rank: torch.Tensor | None = None  # [N] int32
+    _dense_mask: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """``(lo, hi)``: the smallest token range holding every segment (the runner puts base tokens last)."""
+        return (self.segments[0][0], self.segments[-1][1]) if self.segments else (0, 0)
+
+    @property
+    def empty(self) -> bool:
+        """True when no token of the step uses an adapter: LoRA layers then do no LoRA work."""
+        return not self.segments
+
+    @classmethod
+    def build(
+        cls, segments: Sequence[tuple[int, int, int, int]], num_tokens: int, device: torch.device | str = "cpu"
+    ) -> LoRASegments:
+        """Build from ``(start, end, row, rank)`` runs; empty runs are dropped."""
+        segs = sorted(tuple(int(v) for v in s) for s in segments if s[1] > s[0])
+        max_rank = max((s[3] for s in segs), default=0)
+        out = cls(num_tokens=num_tokens, segments=segs, max_rank=max_rank)  # type: ignore[arg-type]
+        if segs:
+            t = torch.tensor(segs, dtype=torch.int32).T.contiguous()
+            t = t.to(device, non_blocking=True)
+            out.seg_start, out.seg_len, out.seg_row, out.seg_rank = t[0], t[1] - t[0], t[2], t[3]
+        return out
+
+    def dense_mask(self, pool_rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``[T, R]`` mask: 1 where token ``i`` uses pool row ``j``. Built once per step, cached."""
+        mask = self._dense_mask.get(pool_rows)
+        if mask is None or mask.dtype != dtype or mask.device != device:
+            mask = torch.zeros(self.num_tokens, pool_rows, dtype=dtype)
+            for start, end, row, rank in self.segments:
+                mask[start:end, row : row + rank] = 1
+            mask = mask.to(device)
+            self._dense_mask[pool_rows] = mask
+        return mask
+
+
+LoRAApplyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[torch.Tensor], LoRASegments], None]
+"""``apply(y, x, a, b, meta)``: add every token's adapter delta to ``y`` in place."""
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, meta: LoRASegments) -> torch.Tensor:
+    """Shrink: ``t[s, i0:i1, :r] = x[i0:i1] @ a[row:row+r, s, :]^T`` for each segment.
+
+    Args:
+        x: ``[T, in]`` input activations.
+        a: ``[R, S, in]`` A pool of one layer.
+        meta: the step's segments.
+    Returns:
+        ``t``: ``[S, T, max_rank]`` float32; rows of base tokens and columns past a segment's rank are 0.
+    """
+    num_slices = a.shape[1]
+    t = torch.zeros(num_slices, x.shape[0], meta.max_rank, dtype=torch.float32, device=x.device)
+    for start, end, row, rank in meta.segments:
+        a_rows = a[row : row + rank].reshape(rank * num_slices, -1)
+        part = (x[start:end] @ a_rows.T).float().view(end - start, rank, num_slices)
+        t[:, start:end, :rank] = part.permute(2, 0, 1)
+    return t
+
+
+def lora_expand(y: torch.Tensor, t: torch.Tensor, b: Sequence[torch.Tensor], meta: LoRASegments) -> None:
+    """Expand in place: ``y[i0:i1, off_s:off_s+out_s] += t[s, i0:i1, :r] @ b[s][row:row+r]``.
+
+    Args:
+        y: ``[T, sum_s out_s]`` output of the base projection (slices laid out in order).
+        t: ``[S, T, max_rank]`` from :func:`lora_shrink`.
+        b: ``S`` tensors ``[R, out_s]`` (scale folded in).
+        meta: the step's segments.
+    """
+    offsets = _slice_offsets(b)
+    for start, end, row, rank in meta.segments:
+        for s, b_s in enumerate(b):
+            delta = t[s, start:end, :rank].to(b_s.dtype) @ b_s[row : row + rank]
+            y[start:end, offsets[s] : offsets[s + 1]] += delta.to(y.dtype)
+
+
+def lora_apply(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: Sequence[torch.Tensor], meta: LoRASegments) -> None:
+    """``y += LoRA(x)`` for every token's adapter (shrink then expand); base tokens are untouched.
+
+    Shapes as in :func:`lora_shrink` / :func:`lora_expand`. This is the reference semantics; the
+    dense variant :func:`lora_apply_dense` computes the same result.
+    """
+    if meta.empty:
+        return
+    lora_expand(y, lora_shrink(x, a, meta), b, meta)
+
+
+def lora_apply_dense(
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: Sequence[torch.Tensor], meta: LoRASegments
+) -> None:
+    """Same result as :func:`lora_apply`, computed against the whole (small) pool at once.
+
+    ``t = (x @ a_all^T) * mask`` then ``y_s += t_s @ b_s``: two matmuls per slice whatever the number
+    of segments, so a CPU step with many adapters costs a fixed handful of ops per layer instead of
+    a Python loop over segments. Worth it only when the pool is small (CPU engines hold a few
+    adapters on the "device" tier); the work grows with ``R``, not with the ranks in use.
+    """
+    if meta.empty:
+        return
+    rows, num_slices, _ = a.shape
+    lo, hi = meta.span
+    mask = meta.dense_mask(rows, x.dtype, x.device)[lo:hi]
+    t = (x[lo:hi] @ a.view(rows * num_slices, -1).T).view(-1, rows, num_slices)
+    t = t * mask.unsqueeze(-1)
+    offsets = _slice_offsets(b)
+    for s, b_s in enumerate(b):
+        y[lo:hi, offsets[s] : offsets[s + 1]] += t[:, :, s] @ b_s
+
+
+def _slice_offsets(b: Sequence[torch.Tensor]) -> list[int]:
+    offsets = [0]
+    for b_s in b:
+        offsets.append(offsets[-1] + b_s.shape[1])
+    return offsets

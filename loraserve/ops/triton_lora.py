@@ -1,0 +1,468 @@
+"""Triton kernels for batched multi-LoRA (shrink / expand), the GPU path of :mod:`loraserve.ops.lora`.
+
+Same pool layout and contract as the torch reference (see :mod:`loraserve.ops.lora`)::
+
+    shrink:  t[s, i0:i1, :r] = x[i0:i1] @ a[row:row+r, s, :]^T          for each segment (i0, i1, row, r)
+    expand:  y[i0:i1, off_s:off_s+out_s] += t[s, i0:i1, :r] @ b[s][row:row+r]
+
+with ``a: [R, S, in]``, ``b[s]: [R, out_s]`` (scale folded in), ``x: [T, in]``, ``y: [T, sum out_s]`` and
+``t: [S, T, max_rank]`` float32. Ranks differ per segment (1..128) and weights are not padded to a
+maximum rank: every load of adapter rows is masked by the segment's own rank, so an adapter costs the
+bytes of its own rows only.
+
+Work decomposition (both kernels). Each segment is cut into tiles of ``BLOCK_M`` tokens; program
+``pid`` of grid axis 0 finds its ``(segment, tile)`` by a prefix sum over ``cdiv(seg_len, BLOCK_M)``
+computed inside the kernel (no host sync, no extra launch). Since
+``sum_i cdiv(len_i, BLOCK_M) <= cdiv(T, BLOCK_M) + N``, a grid of ``cdiv(T, BLOCK_M) + N`` programs
+covers every tile for *any* split of ``T`` tokens into ``N`` segments; the surplus programs return at
+once. Decode (one token per segment, hundreds of adapters) thus gets one program per segment and
+reads each active adapter's rows once; prefill (long segments) gets ``BLOCK_M``-token tiles fed to
+``tl.dot``. Base-model tokens belong to no segment, get no tile, and cost nothing.
+
+CUDA graphs. The grid depends only on host-known sizes: ``T = x.shape[0]``, ``N = seg_len.numel()``,
+``max_rank`` and the layer's shapes. To capture at a fixed batch size, the caller pads the segment
+tensors to a fixed capacity ``N_cap``: entries past the real segments get ``seg_len = 0`` (their
+``seg_start``/``seg_row``/``seg_rank`` are never read; 0 is fine), ``T`` is the padded token count (the
+padding tokens belong to no segment) and ``meta.max_rank`` is fixed to the largest rank the engine
+admits, so ``BLOCK_R`` and ``t``'s shape stay constant across replays. New steps ``copy_`` their
+segments into the same tensors before replay. The ops never read ``meta.segments``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from loraserve.ops.lora import LoRASegments
+
+# Triton's interpreter (TRITON_INTERPRET=1, up to at least 3.9) stores bf16 as uint16 and feeds the raw
+# bits to np.matmul in tl.dot. Under the interpreter the kernels therefore upcast dot operands to fp32
+# (exact for bf16/fp16 products, so results match an fp32-accumulating GPU dot). Never set on GPU.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Expand takes the S slices' B tensors as separate pointers (they need not share storage).
+_MAX_SLICES = 3
+
+
+@dataclass(frozen=True)
+class ShrinkConfig:
+    """Tile sizes of :func:`lora_shrink_triton`.
+
+    ``block_n`` tiles the ``r * S`` fused output columns (all slices of an adapter at once, so ``x`` is
+    read once for every slice); ``split_k`` > 1 splits ``in`` across programs that ``atomic_add``
+    into ``t`` (more parallelism when few tiles exist, e.g. one adapter).
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class ExpandConfig:
+    """Tile sizes of :func:`lora_expand_triton`: ``block_r`` is the rank chunk of the inner loop."""
+
+    block_m: int
+    block_n: int
+    block_r: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _block_m(num_tokens: int, num_segs: int) -> int:
+    # Mean tokens per segment decides decode-like (16: the smallest tl.dot tile, one token used) or
+    # prefill-like (64-token tiles). Uses the padded N for graphs, which only errs towards decode.
+    mean = num_tokens / max(num_segs, 1)
+    if mean <= 16:
+        return 16
+    return 32 if mean <= 48 else 64
+
+
+@functools.lru_cache(maxsize=256)
+def shrink_config(
+    num_tokens: int, num_segs: int, in_features: int, num_slices: int, max_rank: int, elem_size: int, num_sms: int
+) -> ShrinkConfig:
+    """Heuristic tiles for shrink, keyed on the layer shape, ``max_rank`` and the batch shape."""
+    block_m = _block_m(num_tokens, num_segs)
+    # tl.dot needs every tile dim >= 16; 128 fused columns keep the fp32 accumulator in registers.
+    block_n = min(max(16, triton.next_power_of_2(num_slices * max_rank)), 128)
+    block_k = 128 if block_m == 16 and elem_size == 2 else 64 if elem_size == 2 else 32
+    # Programs that will have work: at least T / BLOCK_M tiles, at most one per (short) segment.
+    tiles = max(triton.cdiv(num_tokens, block_m), min(num_segs, num_tokens))
+    programs = tiles * triton.cdiv(num_slices * max_rank, block_n)
+    # Split K until the GPU has ~2 programs per SM, keeping >= 2 K steps per split.
+    split_k = 1
+    while programs * split_k < 2 * num_sms and in_features >= 4 * split_k * block_k and split_k < 16:
+        split_k *= 2
+    return ShrinkConfig(block_m, block_n, block_k, split_k)
+
+
+@functools.lru_cache(maxsize=256)
+def expand_config(num_tokens: int, num_segs: int, max_rank: int) -> ExpandConfig:
+    """Heuristic tiles for expand, keyed on ``max_rank`` and the batch shape."""
+    block_m = _block_m(num_tokens, num_segs)
+    block_r = min(max(16, triton.next_power_of_2(max_rank)), 64)
+    # Decode: wide column tiles so that each program moves a useful number of B bytes
+    # (rank * 256 * 2 bytes); prefill: 64 x 128 accumulator.
+    block_n = 256 if block_m == 16 and block_r <= 32 else 128
+    return ExpandConfig(block_m, block_n, block_r)
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # interpreter: a small "GPU", so that tests also see split-K configs
+
+
+@triton.jit
+def _segment_tile(pid, seg_len_ptr, num_segs, BLOCK_M: tl.constexpr, BLOCK_SEG: tl.constexpr):
+    """Map program ``pid`` to ``(segment, first token offset in it)``; segment >= num_segs: no work.
+
+    Tiles are numbered segment after segment; zero-length (padding) segments own no tile.
+    """
+    idx = tl.arange(0, BLOCK_SEG)
+    lens = tl.load(seg_len_ptr + idx, mask=idx < num_segs, other=0)
+    tiles = (lens + BLOCK_M - 1) // BLOCK_M
+    ends = tl.cumsum(tiles, axis=0)
+    seg = tl.sum((ends <= pid).to(tl.int32), axis=0)
+    first_tile = tl.sum(tl.where(idx == seg, ends - tiles, 0), axis=0)
+    return seg, (pid - first_tile) * BLOCK_M
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr,
+    a_ptr,
+    t_ptr,
+    seg_start_ptr,
+    seg_len_ptr,
+    seg_row_ptr,
+    seg_rank_ptr,
+    num_segs,
+    in_features,
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_as,
+    stride_ak,
+    stride_ts,
+    stride_tm,
+    stride_tr,
+    NUM_SLICES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_SEG: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    seg, m0 = _segment_tile(tl.program_id(0), seg_len_ptr, num_segs, BLOCK_M, BLOCK_SEG)
+    if seg >= num_segs:
+        return
+    rank = tl.load(seg_rank_ptr + seg)
+    n0 = tl.program_id(1) * BLOCK_N
+    # Fused column n = j * S + s is rank row j of slice s: a[row + j, s] (rows of all slices of an
+    # adapter are one contiguous [r * S, in] block). Column blocks past this adapter's r * S: no work.
+    if n0 >= rank * NUM_SLICES:
+        return
+    start = tl.load(seg_start_ptr + seg)
+    length = tl.load(seg_len_ptr + seg)
+    row = tl.load(seg_row_ptr + seg)
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < length
+    mask_n = offs_n < rank * NUM_SLICES
+    j = offs_n // NUM_SLICES
+    s = offs_n % NUM_SLICES
+    tok = (start + offs_m).to(tl.int64)
+    x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    # Loaded as [BLOCK_N, BLOCK_K] (contiguous along in) and transposed for the dot.
+    a_ptrs = a_ptr + (row + j).to(tl.int64)[:, None] * stride_ar + s[:, None] * stride_as + offs_k[None, :] * stride_ak
+
+    k_chunk = tl.cdiv(tl.cdiv(in_features, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = tl.program_id(2) * k_chunk
+    k_hi = tl.minimum(k_lo + k_chunk, in_features)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        # A K mask varies along the contiguous dim and defeats vectorised async copies (no
+        # pipelining): only emit it when `in` is not a multiple of BLOCK_K (never for real models).
+        if EVEN_K:
+            xt = tl.load(x_ptrs + k * stride_xk, mask=mask_m[:, None], other=0.0)
+            at = tl.load(a_ptrs + k * stride_ak, mask=mask_n[:, None], other=0.0)
+        else:
+            mask_k = (k + offs_k) < k_hi
+            xt = tl.load(x_ptrs + k * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            at = tl.load(a_ptrs + k * stride_ak, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            at = at.to(tl.float32)
+        acc = tl.dot(xt, tl.trans(at), acc, input_precision=PRECISION)
+
+    t_ptrs = t_ptr + s[None, :] * stride_ts + tok[:, None] * stride_tm + j[None, :] * stride_tr
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(t_ptrs, acc, mask=mask)
+    else:
+        tl.atomic_add(t_ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _expand_kernel(
+    y_ptr,
+    t_ptr,
+    b0_ptr,
+    b1_ptr,
+    b2_ptr,
+    seg_start_ptr,
+    seg_len_ptr,
+    seg_row_ptr,
+    seg_rank_ptr,
+    num_segs,
+    out0,
+    out1,
+    out2,
+    nblk0,
+    nblk1,
+    stride_b0,
+    stride_b1,
+    stride_b2,
+    stride_ym,
+    stride_ts,
+    stride_tm,
+    stride_tr,
+    NUM_SLICES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_SEG: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    seg, m0 = _segment_tile(tl.program_id(0), seg_len_ptr, num_segs, BLOCK_M, BLOCK_SEG)
+    if seg >= num_segs:
+        return
+    # Grid axis 1 enumerates the column blocks of slice 0, then slice 1, then slice 2; pick this
+    # program's slice, its B tensor and its column range of y.
+    pid_n = tl.program_id(1)
+    b_ptr = b0_ptr
+    slice_id = pid_n * 0
+    blk = pid_n
+    n_out = out0 + slice_id
+    col0 = slice_id
+    stride_b = stride_b0 + slice_id
+    if NUM_SLICES > 1:
+        if pid_n >= nblk0:
+            b_ptr = b1_ptr
+        in1 = pid_n >= nblk0
+        slice_id = tl.where(in1, 1, slice_id)
+        blk = tl.where(in1, pid_n - nblk0, blk)
+        n_out = tl.where(in1, out1, n_out)
+        col0 = tl.where(in1, out0, col0)
+        stride_b = tl.where(in1, stride_b1, stride_b)
+    if NUM_SLICES > 2:
+        if pid_n >= nblk0 + nblk1:
+            b_ptr = b2_ptr
+        in2 = pid_n >= nblk0 + nblk1
+        slice_id = tl.where(in2, 2, slice_id)
+        blk = tl.where(in2, pid_n - nblk0 - nblk1, blk)
+        n_out = tl.where(in2, out2, n_out)
+        col0 = tl.where(in2, out0 + out1, col0)
+        stride_b = tl.where(in2, stride_b2, stride_b)
+
+    start = tl.load(seg_start_ptr + seg)
+    length = tl.load(seg_len_ptr + seg)
+    row = tl.load(seg_row_ptr + seg)
+    rank = tl.load(seg_rank_ptr + seg)
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < length
+    mask_n = offs_n < n_out
+    tok = (start + offs_m).to(tl.int64)
+    t_ptrs = t_ptr + slice_id * stride_ts + tok[:, None] * stride_tm + offs_r[None, :] * stride_tr
+    b_ptrs = b_ptr + (row + offs_r).to(tl.int64)[:, None] * stride_b + offs_n[None, :]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Loop over this segment's own rank only: a rank-8 adapter in a max-rank-128 batch reads 8 rows.
+    for r0 in range(0, rank, BLOCK_R):
+        mask_r = (r0 + offs_r) < rank
+        tt = tl.load(t_ptrs + r0 * stride_tr, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        bt = tl.load(b_ptrs + r0 * stride_b, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        # Round t to B's dtype like the reference (t.to(b.dtype) @ b); accumulate in fp32.
+        tt = tt.to(b_ptr.dtype.element_ty)
+        if UPCAST:
+            tt = tt.to(tl.float32)
+            bt = bt.to(tl.float32)
+        acc = tl.dot(tt, bt, acc, input_precision=PRECISION)
+
+    y_ptrs = y_ptr + tok[:, None] * stride_ym + (col0 + offs_n)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    y_old = tl.load(y_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptrs, (y_old.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _dot_args(dtype: torch.dtype) -> tuple[str, bool]:
+    """``(input_precision, upcast)``: fp32 stays IEEE fp32 (as torch's default matmul); see ``_INTERPRET``."""
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    return precision, _INTERPRET and dtype != torch.float32
+
+
+def _segment_tensors(meta: LoRASegments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    if meta.seg_start is None or meta.seg_len is None or meta.seg_row is None or meta.seg_rank is None:
+        return None
+    return meta.seg_start, meta.seg_len, meta.seg_row, meta.seg_rank
+
+
+def _block_seg(num_segs: int) -> int:
+    return max(16, triton.next_power_of_2(num_segs))
+
+
+def lora_shrink_triton(
+    x: torch.Tensor, a: torch.Tensor, meta: LoRASegments, config: ShrinkConfig | None = None
+) -> torch.Tensor:
+    """Shrink: ``t[s, i0:i1, :r] = x[i0:i1] @ a[row:row+r, s, :]^T`` for each segment.
+
+    Args:
+        x: ``[T, in]`` activations (fp32/bf16/fp16, same dtype as ``a``).
+        a: ``[R, S, in]`` A pool of one layer.
+        meta: the step's segments; only the device tensors and ``max_rank`` are used (may be padded
+            with zero-length segments, see the module docstring).
+        config: tile sizes; default :func:`shrink_config`.
+    Returns:
+        ``t``: ``[S, T, max_rank]`` float32; rows of base tokens and columns past a segment's rank are 0.
+    """
+    num_tokens, in_features = x.shape
+    num_slices = a.shape[1]
+    t = torch.zeros(num_slices, num_tokens, meta.max_rank, dtype=torch.float32, device=x.device)
+    segs = _segment_tensors(meta)
+    if segs is None or num_tokens == 0 or meta.max_rank == 0:
+        return t
+    num_segs = segs[0].numel()
+    cfg = config or shrink_config(
+        num_tokens, num_segs, in_features, num_slices, meta.max_rank, x.element_size(), _num_sms(x.device)
+    )
+    grid = (
+        triton.cdiv(num_tokens, cfg.block_m) + num_segs,
+        triton.cdiv(num_slices * meta.max_rank, cfg.block_n),
+        cfg.split_k,
+    )
+    precision, upcast = _dot_args(x.dtype)
+    _shrink_kernel[grid](
+        x,
+        a,
+        t,
+        *segs,
+        num_segs,
+        in_features,
+        x.stride(0),
+        x.stride(1),
+        a.stride(0),
+        a.stride(1),
+        a.stride(2),
+        t.stride(0),
+        t.stride(1),
+        t.stride(2),
+        NUM_SLICES=num_slices,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        BLOCK_SEG=_block_seg(num_segs),
+        SPLIT_K=cfg.split_k,
+        EVEN_K=in_features % cfg.block_k == 0,
+        PRECISION=precision,
+        UPCAST=upcast,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return t
+
+
+def lora_expand_triton(
+    y: torch.Tensor,
+    t: torch.Tensor,
+    b: Sequence[torch.Tensor],
+    meta: LoRASegments,
+    config: ExpandConfig | None = None,
+) -> None:
+    """Expand in place: ``y[i0:i1, off_s:off_s+out_s] += t[s, i0:i1, :r] @ b[s][row:row+r]``.
+
+    One launch for all slices; each slice's product lands in its own column range of ``y``.
+
+    Args:
+        y: ``[T, sum_s out_s]`` output of the base projection (fp32/bf16/fp16, last dim contiguous).
+            Accumulation is fp32, rounded once into ``y``'s dtype.
+        t: ``[S, T, max_rank]`` float32 from :func:`lora_shrink_triton` (or the torch reference).
+        b: ``S`` (1..3) tensors ``[R, out_s]`` (scale folded in, last dim contiguous); ``t`` is rounded
+            to their dtype before the product, as in the reference.
+        meta: the step's segments (may be padded, see the module docstring).
+        config: tile sizes; default :func:`expand_config`.
+    """
+    segs = _segment_tensors(meta)
+    num_tokens = y.shape[0]
+    if segs is None or num_tokens == 0 or meta.max_rank == 0:
+        return
+    num_slices = len(b)
+    if not 1 <= num_slices <= _MAX_SLICES:
+        raise ValueError(f"expand supports 1..{_MAX_SLICES} slices, got {num_slices}")
+    if y.stride(1) != 1 or any(b_s.stride(1) != 1 for b_s in b):
+        raise ValueError("y and b[s] must be contiguous along their last dim")
+    num_segs = segs[0].numel()
+    cfg = config or expand_config(num_tokens, num_segs, meta.max_rank)
+    outs = [b_s.shape[1] for b_s in b] + [0] * (_MAX_SLICES - num_slices)
+    padded = list(b) + [b[0]] * (_MAX_SLICES - num_slices)
+    nblks = [triton.cdiv(o, cfg.block_n) for o in outs]
+    grid = (triton.cdiv(num_tokens, cfg.block_m) + num_segs, sum(nblks))
+    precision, upcast = _dot_args(b[0].dtype)
+    _expand_kernel[grid](
+        y,
+        t,
+        *padded,
+        *segs,
+        num_segs,
+        *outs,
+        nblks[0],
+        nblks[1],
+        *(b_s.stride(0) for b_s in padded),
+        y.stride(0),
+        t.stride(0),
+        t.stride(1),
+        t.stride(2),
+        NUM_SLICES=num_slices,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_R=cfg.block_r,
+        BLOCK_SEG=_block_seg(num_segs),
+        PRECISION=precision,
+        UPCAST=upcast,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def lora_apply_triton(
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: Sequence[torch.Tensor], meta: LoRASegments
+) -> None:
+    """``y += LoRA(x)`` for every token's adapter (shrink then expand); base tokens are untouched.
+
+    Shapes as in :func:`lora_shrink_triton` / :func:`lora_expand_triton`. Launches the kernels whenever
+    the segment tensors exist (even if all are zero-length padding), so it is safe to capture in a
+    CUDA graph.
+    """
+    if _segment_tensors(meta) is None:
+        return
+    lora_expand_triton(y, lora_shrink_triton(x, a, meta), b, meta)

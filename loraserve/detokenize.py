@@ -38,7 +38,10 @@ class IncrementalDetokenizer:
     Invariant: the concatenation of all :meth:`add` deltas plus the final :meth:`flush` equals the
     text of the output tokens as a continuation of the prompt, i.e.
     ``decode(prompt + output)[len(decode(prompt)):]`` when the prompt decodes to complete
-    characters (and ``decode(output)`` for byte-level BPE or an empty prompt).
+    characters (SentencePiece output keeps the leading space that a bare ``decode(output)``
+    strips). For byte-level BPE that is ``decode(output)`` for any ids, broken UTF-8 included;
+    with SentencePiece byte fallback, invalid byte runs can differ from a whole-sequence decode
+    (which replaces a whole run once any byte of it is invalid).
     """
 
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:

@@ -195,6 +195,7 @@ def _attend_tiles(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_DOT: tl.constexpr,
 ):
     """Online-softmax accumulation of keys ``[kv_lo, kv_hi)``; row ``r`` only sees keys ``< row_limit[r]``.
 
@@ -213,7 +214,10 @@ def _attend_tiles(
         # other=0 matters: unwritten cache memory may hold NaN/inf, and 0 * NaN would poison P @ V.
         k = tl.load(k_cache_ptr + kv_off, mask=kmask[:, None], other=0.0).to(q.dtype)
         v = tl.load(v_cache_ptr + kv_off, mask=kmask[:, None], other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if USE_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        else:  # one row (MHA decode): a broadcast-reduce avoids padding to tl.dot's 16 rows
+            s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), 2) * qk_scale
         s = tl.where(kpos[None, :] < row_limit[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no visible key yet keeps m = -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
@@ -221,7 +225,10 @@ def _attend_tiles(
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if USE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), 1)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -323,6 +330,7 @@ def _general_kernel(
         HEAD_DIM,
         BLOCK_N,
         DOT_PRECISION,
+        True,
     )
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
@@ -359,13 +367,14 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_DOT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)  # 0 for CUDA-graph padding: no tiles, zero output
 
-    r = tl.arange(0, GROUP_P)  # the GQA group's query heads, padded to tl.dot's 16 rows
+    r = tl.arange(0, GROUP_P)  # the GQA group's query heads (padded to tl.dot's 16 rows when USE_DOT)
     head = kv_head * GROUP + r
     row_valid = r < GROUP
     d = tl.arange(0, HEAD_DIM)
@@ -402,6 +411,7 @@ def _decode_kernel(
         HEAD_DIM,
         BLOCK_N,
         DOT_PRECISION,
+        USE_DOT,
     )
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -529,12 +539,13 @@ def paged_attention_triton(
             qk_scale,
             *common,
             GROUP=group,
-            GROUP_P=max(16, triton.next_power_of_2(group)),
+            GROUP_P=1 if group == 1 else max(16, triton.next_power_of_2(group)),
             BLOCK_SIZE=block_size,
             HEAD_DIM=head_dim,
             BLOCK_N=cfg.block_n,
             NUM_SPLITS=splits,
             DOT_PRECISION=precision,
+            USE_DOT=group > 1,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )

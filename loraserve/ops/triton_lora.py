@@ -89,7 +89,13 @@ def _block_m(num_tokens: int, num_segs: int) -> int:
 
 @functools.lru_cache(maxsize=256)
 def shrink_config(
-    num_tokens: int, num_segs: int, in_features: int, num_slices: int, max_rank: int, elem_size: int, num_sms: int
+    num_tokens: int,
+    num_segs: int,
+    in_features: int,
+    num_slices: int,
+    max_rank: int,
+    elem_size: int,
+    num_sms: int,
 ) -> ShrinkConfig:
     """Heuristic tiles for shrink, keyed on the layer shape, ``max_rank`` and the batch shape."""
     block_m = _block_m(num_tokens, num_segs)
@@ -103,7 +109,8 @@ def shrink_config(
     split_k = 1
     while programs * split_k < 2 * num_sms and in_features >= 4 * split_k * block_k and split_k < 16:
         split_k *= 2
-    return ShrinkConfig(block_m, block_n, block_k, split_k)
+    # 64-row tiles use wgmma; 8 warps keep the 64 x 128 fp32 accumulator from spilling.
+    return ShrinkConfig(block_m, block_n, block_k, split_k, num_warps=8 if block_m == 64 else 4)
 
 
 @functools.lru_cache(maxsize=256)
@@ -114,14 +121,14 @@ def expand_config(num_tokens: int, num_segs: int, max_rank: int) -> ExpandConfig
     # Decode: wide column tiles so that each program moves a useful number of B bytes
     # (rank * 256 * 2 bytes); prefill: 64 x 128 accumulator.
     block_n = 256 if block_m == 16 and block_r <= 32 else 128
-    return ExpandConfig(block_m, block_n, block_r)
+    return ExpandConfig(block_m, block_n, block_r, num_warps=8 if block_m == 64 else 4)
 
 
 @functools.lru_cache(maxsize=16)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # interpreter: a small "GPU", so that tests also see split-K configs
+    return 1  # interpreter (CPU tensors): no SMs to fill, so the heuristics never split K
 
 
 @triton.jit
@@ -152,9 +159,7 @@ def _shrink_kernel(
     in_features,
     stride_xm,
     stride_xk,
-    stride_ar,
-    stride_as,
-    stride_ak,
+    stride_a,
     stride_ts,
     stride_tm,
     stride_tr,
@@ -186,12 +191,11 @@ def _shrink_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < length
     mask_n = offs_n < rank * NUM_SLICES
-    j = offs_n // NUM_SLICES
-    s = offs_n % NUM_SLICES
     tok = (start + offs_m).to(tl.int64)
     x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    # Loaded as [BLOCK_N, BLOCK_K] (contiguous along in) and transposed for the dot.
-    a_ptrs = a_ptr + (row + j).to(tl.int64)[:, None] * stride_ar + s[:, None] * stride_as + offs_k[None, :] * stride_ak
+    # a viewed as [R * S, in] (row stride stride_a): the adapter's block starts at row * S. Loaded as
+    # [BLOCK_N, BLOCK_K] (contiguous along in) and transposed for the dot.
+    a_ptrs = a_ptr + (row * NUM_SLICES + offs_n).to(tl.int64)[:, None] * stride_a + offs_k[None, :]
 
     k_chunk = tl.cdiv(tl.cdiv(in_features, BLOCK_K), SPLIT_K) * BLOCK_K
     k_lo = tl.program_id(2) * k_chunk
@@ -202,16 +206,18 @@ def _shrink_kernel(
         # pipelining): only emit it when `in` is not a multiple of BLOCK_K (never for real models).
         if EVEN_K:
             xt = tl.load(x_ptrs + k * stride_xk, mask=mask_m[:, None], other=0.0)
-            at = tl.load(a_ptrs + k * stride_ak, mask=mask_n[:, None], other=0.0)
+            at = tl.load(a_ptrs + k, mask=mask_n[:, None], other=0.0)
         else:
             mask_k = (k + offs_k) < k_hi
             xt = tl.load(x_ptrs + k * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            at = tl.load(a_ptrs + k * stride_ak, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            at = tl.load(a_ptrs + k, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         if UPCAST:
             xt = xt.to(tl.float32)
             at = at.to(tl.float32)
         acc = tl.dot(xt, tl.trans(at), acc, input_precision=PRECISION)
 
+    j = offs_n // NUM_SLICES
+    s = offs_n % NUM_SLICES
     t_ptrs = t_ptr + s[None, :] * stride_ts + tok[:, None] * stride_tm + j[None, :] * stride_tr
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
@@ -249,6 +255,7 @@ def _expand_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_SEG: tl.constexpr,
+    ALIGNED: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -259,29 +266,35 @@ def _expand_kernel(
     # program's slice, its B tensor and its column range of y.
     pid_n = tl.program_id(1)
     b_ptr = b0_ptr
-    slice_id = pid_n * 0
+    slice_id = 0
     blk = pid_n
-    n_out = out0 + slice_id
-    col0 = slice_id
-    stride_b = stride_b0 + slice_id
+    n_out = out0
+    col0 = 0
+    stride_b = stride_b0
     if NUM_SLICES > 1:
-        if pid_n >= nblk0:
-            b_ptr = b1_ptr
         in1 = pid_n >= nblk0
-        slice_id = tl.where(in1, 1, slice_id)
-        blk = tl.where(in1, pid_n - nblk0, blk)
-        n_out = tl.where(in1, out1, n_out)
-        col0 = tl.where(in1, out0, col0)
-        stride_b = tl.where(in1, stride_b1, stride_b)
-    if NUM_SLICES > 2:
-        if pid_n >= nblk0 + nblk1:
-            b_ptr = b2_ptr
-        in2 = pid_n >= nblk0 + nblk1
-        slice_id = tl.where(in2, 2, slice_id)
-        blk = tl.where(in2, pid_n - nblk0 - nblk1, blk)
-        n_out = tl.where(in2, out2, n_out)
-        col0 = tl.where(in2, out0 + out1, col0)
-        stride_b = tl.where(in2, stride_b2, stride_b)
+        if in1:
+            b_ptr = b1_ptr
+        slice_id = tl.where(in1, 1, 0)
+        blk = tl.where(in1, pid_n - nblk0, pid_n)
+        n_out = tl.where(in1, out1, out0)
+        col0 = tl.where(in1, out0, 0)
+        stride_b = tl.where(in1, stride_b1, stride_b0)
+        if NUM_SLICES > 2:
+            in2 = pid_n >= nblk0 + nblk1
+            if in2:
+                b_ptr = b2_ptr
+            slice_id = tl.where(in2, 2, slice_id)
+            blk = tl.where(in2, pid_n - nblk0 - nblk1, blk)
+            n_out = tl.where(in2, out2, n_out)
+            col0 = tl.where(in2, out0 + out1, col0)
+            stride_b = tl.where(in2, stride_b2, stride_b)
+        if ALIGNED:
+            # The selects hide the divisibility the JIT knew of the raw ints; without it, loads and
+            # stores of B and y are not vectorised (one pointer per element, register spills).
+            n_out = tl.multiple_of(n_out, 16)
+            col0 = tl.multiple_of(col0, 16)
+            stride_b = tl.multiple_of(stride_b, 16)
 
     start = tl.load(seg_start_ptr + seg)
     length = tl.load(seg_len_ptr + seg)
@@ -322,7 +335,9 @@ def _dot_args(dtype: torch.dtype) -> tuple[str, bool]:
     return precision, _INTERPRET and dtype != torch.float32
 
 
-def _segment_tensors(meta: LoRASegments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def _segment_tensors(
+    meta: LoRASegments,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
     if meta.seg_start is None or meta.seg_len is None or meta.seg_row is None or meta.seg_rank is None:
         return None
     return meta.seg_start, meta.seg_len, meta.seg_row, meta.seg_rank
@@ -348,6 +363,8 @@ def lora_shrink_triton(
     """
     num_tokens, in_features = x.shape
     num_slices = a.shape[1]
+    if a.stride(2) != 1 or (num_slices > 1 and a.stride(0) != num_slices * a.stride(1)):
+        raise ValueError("a must be contiguous in its last two dims (an adapter's rows form one block)")
     t = torch.zeros(num_slices, num_tokens, meta.max_rank, dtype=torch.float32, device=x.device)
     segs = _segment_tensors(meta)
     if segs is None or num_tokens == 0 or meta.max_rank == 0:
@@ -371,9 +388,7 @@ def lora_shrink_triton(
         in_features,
         x.stride(0),
         x.stride(1),
-        a.stride(0),
-        a.stride(1),
-        a.stride(2),
+        a.stride(1) if num_slices > 1 else a.stride(0),
         t.stride(0),
         t.stride(1),
         t.stride(2),
@@ -447,6 +462,7 @@ def lora_expand_triton(
         BLOCK_N=cfg.block_n,
         BLOCK_R=cfg.block_r,
         BLOCK_SEG=_block_seg(num_segs),
+        ALIGNED=all(v % 16 == 0 for v in [*outs, *(b_s.stride(0) for b_s in b)]),
         PRECISION=precision,
         UPCAST=upcast,
         num_warps=cfg.num_warps,

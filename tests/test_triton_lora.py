@@ -1,0 +1,348 @@
+"""Triton multi-LoRA kernels against the torch reference (:mod:`loraserve.ops.lora`).
+
+Without CUDA the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is
+imported) at small sizes; with CUDA the ``gpu`` tests also run them at Llama sizes. bf16 works under
+the interpreter only because the kernels upcast dot operands there (see ``triton_lora._INTERPRET``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import zlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from loraserve.ops.lora import LoRASegments, lora_apply, lora_expand, lora_shrink  # noqa: E402
+from loraserve.ops.triton_lora import (  # noqa: E402
+    ExpandConfig,
+    ShrinkConfig,
+    _shrink_kernel,
+    lora_apply_triton,
+    lora_expand_triton,
+    lora_shrink_triton,
+)
+
+_INTERPRETED = type(_shrink_kernel).__name__ == "InterpretedFunction"
+if not torch.cuda.is_available() and not _INTERPRETED:
+    pytest.skip(
+        "no CUDA, and triton_lora was imported before TRITON_INTERPRET was set", allow_module_level=True
+    )
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (atol, rtol) per dtype. The reference rounds t and the expand product to the model dtype where the
+# kernels keep fp32 until the final store, so low precision differs by an ulp or two of |y| ~ 3.
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 5e-3), torch.bfloat16: (6e-2, 2e-2)}
+
+RANKS = [4, 5, 8, 16, 33, 64, 128]
+
+
+@dataclass
+class Case:
+    x: torch.Tensor
+    a: torch.Tensor
+    b: list[torch.Tensor]
+    y: torch.Tensor
+    meta: LoRASegments
+    covered: torch.Tensor  # [T] bool: token belongs to a segment
+
+
+def _assignment(pattern: str, num_tokens: int, rng: random.Random) -> list[int | None]:
+    """Adapter id (or None for the base model) of each token, adapters' tokens contiguous."""
+    if pattern == "distinct":
+        return list(range(num_tokens))
+    if pattern == "spread256":
+        # min(T, 256) distinct adapters, equal contiguous runs.
+        num_adapters = min(num_tokens, 256)
+        return [i * num_adapters // num_tokens for i in range(num_tokens)]
+    if pattern == "identical":
+        return [0] * num_tokens
+    if pattern == "base_only":
+        return [None] * num_tokens
+    if pattern == "uniform":
+        per = max(1, num_tokens // 4)
+        return [min(i // per, 3) for i in range(num_tokens)]
+    if pattern == "zipf":
+        weights = [1 / (k + 1) ** 1.2 for k in range(8)]
+        ids = sorted(rng.choices(range(8), weights=weights, k=num_tokens))
+        return list(ids)
+    if pattern in ("base_mixed", "padded"):
+        # Base tokens between and after adapter runs (the runner puts them last; the ops do not care).
+        out: list[int | None] = []
+        adapter = 0
+        while len(out) < num_tokens:
+            run = rng.randint(1, 6)
+            out += [adapter if rng.random() < 0.7 else None] * run
+            adapter += 1
+        return out[:num_tokens]
+    raise ValueError(pattern)
+
+
+def make_case(
+    pattern: str,
+    num_tokens: int,
+    in_features: int,
+    outs: list[int],
+    dtype: torch.dtype,
+    seed: int,
+    *,
+    pad_to: int = 0,
+    fixed_max_rank: int = 0,
+    device: str = DEVICE,
+) -> Case:
+    """Random pool with mixed-rank adapters at scattered rows, and a step's segments over it.
+
+    ``pad_to``: pad the segment tensors with zero-length entries (also one in the middle) up to this
+    capacity, as a CUDA-graph runner does; ``fixed_max_rank``: use this ``max_rank`` instead of the batch's.
+    """
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    assign = _assignment(pattern, num_tokens, rng)
+    adapters = sorted({i for i in assign if i is not None})
+    ranks = {ad: rng.choice(RANKS) for ad in adapters}
+    rows: dict[int, int] = {}
+    next_row = 3  # rows 0..2 and the gaps between adapters belong to nobody
+    for ad in rng.sample(adapters, len(adapters)):
+        rows[ad] = next_row
+        next_row += ranks[ad] + rng.randint(0, 3)
+    pool_rows = next_row + 2
+    num_slices = len(outs)
+
+    segments: list[tuple[int, int, int, int]] = []
+    i = 0
+    while i < num_tokens:
+        j = i
+        while j < num_tokens and assign[j] == assign[i]:
+            j += 1
+        if assign[i] is not None:
+            ad = assign[i]
+            segments.append((i, j, rows[ad], ranks[ad]))
+        i = j
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    # Scaled so that t and the LoRA delta are O(1), like y.
+    x = randn(num_tokens, in_features)
+    a = randn(pool_rows, num_slices, in_features, scale=1 / math.sqrt(in_features))
+    max_rank = max((s[3] for s in segments), default=1)
+    b = [randn(pool_rows, o, scale=1 / math.sqrt(max_rank)) for o in outs]
+    y = randn(num_tokens, sum(outs))
+
+    meta = LoRASegments.build(segments, num_tokens, device=device)
+    if pad_to:
+        padded = list(segments)
+        pads = pad_to - len(padded)
+        assert pads >= 2
+        # Zero-length entries carry junk rows/ranks: the kernels must never read them.
+        padded.insert(len(padded) // 2, (0, 0, pool_rows + 100, 128))
+        padded += [(num_tokens, num_tokens, 0, 128)] * (pads - 1)
+        tens = torch.tensor(padded, dtype=torch.int32).T.contiguous().to(device)
+        meta.seg_start, meta.seg_len, meta.seg_row, meta.seg_rank = (
+            tens[0],
+            tens[1] - tens[0],
+            tens[2],
+            tens[3],
+        )
+    if fixed_max_rank:
+        meta.max_rank = fixed_max_rank
+    covered = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+    for start, end, _, _ in segments:
+        covered[start:end] = True
+    return Case(x, a, b, y, meta, covered)
+
+
+def _check_t(t: torch.Tensor, ref: torch.Tensor, case: Case, dtype: torch.dtype) -> None:
+    atol, rtol = TOL[dtype]
+    assert t.shape == ref.shape and t.dtype == torch.float32
+    torch.testing.assert_close(t, ref, atol=atol, rtol=rtol)
+    defined = torch.zeros_like(t, dtype=torch.bool)
+    for start, end, _, rank in case.meta.segments:
+        defined[:, start:end, :rank] = True
+    assert (t[~defined] == 0).all(), "t must be exactly 0 on base rows and past each segment's rank"
+
+
+def _check_y(y: torch.Tensor, ref: torch.Tensor, case: Case, y0: torch.Tensor, dtype: torch.dtype) -> None:
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y.float(), ref.float(), atol=atol, rtol=rtol)
+    assert torch.equal(y[~case.covered], y0[~case.covered]), "base tokens must be untouched"
+
+
+def _run_all(case: Case, dtype: torch.dtype) -> None:
+    """Shrink, expand (on the reference t) and apply, each against the reference."""
+    t_ref = lora_shrink(case.x, case.a, case.meta)
+    _check_t(lora_shrink_triton(case.x, case.a, case.meta), t_ref, case, dtype)
+
+    y_ref = case.y.clone()
+    lora_expand(y_ref, t_ref, case.b, case.meta)
+    y = case.y.clone()
+    lora_expand_triton(y, t_ref, case.b, case.meta)
+    _check_y(y, y_ref, case, case.y, dtype)
+
+    y_ref = case.y.clone()
+    lora_apply(y_ref, case.x, case.a, case.b, case.meta)
+    y = case.y.clone()
+    lora_apply_triton(y, case.x, case.a, case.b, case.meta)
+    _check_y(y, y_ref, case, case.y, dtype)
+
+
+# Each pattern cycles through S = 1, 2, 3 (unequal outs), odd token counts and `in` sizes that are and
+# are not multiples of the K tile.
+PATTERNS = [
+    ("distinct", 37, 64, [48]),
+    ("uniform", 40, 96, [64, 16]),
+    ("zipf", 33, 64, [64, 32, 32]),
+    ("identical", 23, 80, [40]),
+    ("base_mixed", 29, 64, [32, 48]),
+    ("padded", 19, 64, [64, 16, 16]),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize(
+    ("pattern", "num_tokens", "in_features", "outs"), PATTERNS, ids=[p[0] for p in PATTERNS]
+)
+def test_kernels_match_reference(
+    pattern: str, num_tokens: int, in_features: int, outs: list[int], dtype: torch.dtype
+) -> None:
+    padded = pattern == "padded"
+    case = make_case(
+        pattern,
+        num_tokens,
+        in_features,
+        outs,
+        dtype,
+        seed=zlib.crc32(f"{pattern}-{dtype}".encode()),
+        pad_to=num_tokens + 2 if padded else 0,
+        fixed_max_rank=128 if padded else 0,
+    )
+    _run_all(case, dtype)
+
+
+@pytest.mark.parametrize(
+    ("shrink_cfg", "expand_cfg"),
+    [
+        # split-K with atomics, several column blocks per adapter, rank loop of several chunks.
+        (ShrinkConfig(16, 16, 32, 2), ExpandConfig(16, 16, 16)),
+        # multi-tile segments (32/64-token tiles), 3-way split of an uneven K.
+        (ShrinkConfig(32, 64, 32, 3), ExpandConfig(32, 32, 32)),
+        (ShrinkConfig(64, 128, 64, 1, num_warps=8), ExpandConfig(64, 64, 64, num_warps=8)),
+    ],
+    ids=["split_k", "tiles32", "tiles64"],
+)
+def test_forced_configs(shrink_cfg: ShrinkConfig, expand_cfg: ExpandConfig) -> None:
+    dtype = torch.float32
+    case = make_case("zipf", 40, 96, [48, 24, 40], dtype, seed=7)
+    t_ref = lora_shrink(case.x, case.a, case.meta)
+    _check_t(lora_shrink_triton(case.x, case.a, case.meta, shrink_cfg), t_ref, case, dtype)
+    y_ref, y = case.y.clone(), case.y.clone()
+    lora_expand(y_ref, t_ref, case.b, case.meta)
+    lora_expand_triton(y, t_ref, case.b, case.meta, expand_cfg)
+    _check_y(y, y_ref, case, case.y, dtype)
+
+
+def test_base_only_and_all_padding() -> None:
+    """No adapter in the step: nothing changes, with or without (all zero-length) segment tensors."""
+    case = make_case("base_only", 9, 32, [16, 16], torch.float32, seed=1)
+    assert case.meta.seg_len is None
+    y = case.y.clone()
+    lora_apply_triton(y, case.x, case.a, case.b, case.meta)
+    assert torch.equal(y, case.y)
+    assert not lora_shrink_triton(case.x, case.a, case.meta).any()
+
+    graph = make_case("base_only", 9, 32, [16, 16], torch.float32, seed=1, pad_to=4, fixed_max_rank=16)
+    t = lora_shrink_triton(graph.x, graph.a, graph.meta)
+    assert t.shape == (2, 9, 16) and not t.any()
+    lora_apply_triton(y, graph.x, graph.a, graph.b, graph.meta)
+    assert torch.equal(y, case.y)
+
+
+def test_rejects_bad_layouts() -> None:
+    case = make_case("identical", 4, 32, [16, 16], torch.float32, seed=2)
+    with pytest.raises(ValueError, match="contiguous"):
+        lora_shrink_triton(case.x, case.a.transpose(0, 1).contiguous().transpose(0, 1), case.meta)
+    with pytest.raises(ValueError, match="contiguous"):
+        lora_shrink_triton(case.x, case.a.transpose(1, 2).contiguous().transpose(1, 2), case.meta)
+    t = lora_shrink(case.x, case.a, case.meta)
+    with pytest.raises(ValueError, match="slices"):
+        lora_expand_triton(case.y, t, case.b * 4, case.meta)
+
+
+# --------------------------------------------------------------------------------------------- GPU
+
+LAYERS = {
+    # name: (in, outs)
+    "qkv_llama3_8b": (4096, [4096, 1024, 1024]),
+    "qkv_llama2_7b": (4096, [4096, 4096, 4096]),
+    "o_proj": (4096, [4096]),
+    "gate_up_llama2_7b": (4096, [11008, 11008]),
+    "gate_up_llama3_8b": (4096, [14336, 14336]),
+    "down_llama2_7b": (11008, [4096]),
+    "down_llama3_8b": (14336, [4096]),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("num_tokens", [1, 7, 256, 2048])
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_gpu_llama_sizes(layer: str, num_tokens: int) -> None:
+    """min(T, 256) distinct mixed-rank adapters (one token each up to T = 256, 8 each at 2048)."""
+    in_features, outs = LAYERS[layer]
+    dtype = torch.bfloat16
+    case = make_case("spread256", num_tokens, in_features, outs, dtype, seed=num_tokens)
+    _run_all(case, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_gpu_padded_graph_metadata(dtype: torch.dtype) -> None:
+    """CUDA-graph style metadata (capacity 256, max_rank 128) at a real qkv shape, every dtype."""
+    case = make_case("padded", 200, 4096, [4096, 1024, 1024], dtype, seed=3, pad_to=256, fixed_max_rank=128)
+    _run_all(case, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_cuda_graph_replay() -> None:
+    """Capture lora_apply_triton once, then replay with different segments copied into the same tensors."""
+    dtype = torch.bfloat16
+    cap, num_tokens, max_rank = 64, 48, 128
+    first = make_case(
+        "zipf", num_tokens, 4096, [4096, 1024, 1024], dtype, seed=11, pad_to=cap, fixed_max_rank=max_rank
+    )
+    meta, x, a, b = first.meta, first.x, first.a, first.b
+    y = first.y.clone()
+    lora_apply_triton(y, x, a, b, meta)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        lora_apply_triton(y, x, a, b, meta)
+    for seed in (12, 13):
+        step = make_case("base_mixed", num_tokens, 4096, [4096, 1024, 1024], dtype, seed=seed, pad_to=cap)
+        # Reuse the first pool: only the segment rows that exist in it are valid.
+        segs = [(s, e, r % (a.shape[0] - 128), k) for s, e, r, k in step.meta.segments]
+        step_meta = LoRASegments.build(segs, num_tokens, device=DEVICE)
+        step_meta.max_rank = max_rank
+        for name in ("seg_start", "seg_len", "seg_row", "seg_rank"):
+            src = getattr(step_meta, name)
+            dst = getattr(meta, name)
+            dst.zero_()
+            dst[: src.numel()].copy_(src)
+        x.copy_(step.x)
+        y.copy_(step.y)
+        graph.replay()
+        y_ref = step.y.clone()
+        lora_apply(y_ref, x, a, b, step_meta)
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(y.float(), y_ref.float(), atol=atol, rtol=rtol)

@@ -319,8 +319,9 @@ def test_gpu_cuda_graph_replay() -> None:
     """Capture lora_apply_triton once, then replay with different segments copied into the same tensors."""
     dtype = torch.bfloat16
     cap, num_tokens, max_rank = 64, 48, 128
+    # "distinct": 48 adapters of rank >= 4, so the pool has more than max_rank rows.
     first = make_case(
-        "zipf", num_tokens, 4096, [4096, 1024, 1024], dtype, seed=11, pad_to=cap, fixed_max_rank=max_rank
+        "distinct", num_tokens, 4096, [4096, 1024, 1024], dtype, seed=11, pad_to=cap, fixed_max_rank=max_rank
     )
     meta, x, a, b = first.meta, first.x, first.a, first.b
     y = first.y.clone()
@@ -329,9 +330,9 @@ def test_gpu_cuda_graph_replay() -> None:
     with torch.cuda.graph(graph):
         lora_apply_triton(y, x, a, b, meta)
     for seed in (12, 13):
-        step = make_case("base_mixed", num_tokens, 4096, [4096, 1024, 1024], dtype, seed=seed, pad_to=cap)
-        # Reuse the first pool: only the segment rows that exist in it are valid.
-        segs = [(s, e, r % (a.shape[0] - 128), k) for s, e, r, k in step.meta.segments]
+        step = make_case("base_mixed", num_tokens, 4096, [4096, 1024, 1024], dtype, seed=seed)
+        # Same pool as the capture: map the new step's rows into it.
+        segs = [(s, e, r % (a.shape[0] - max_rank), k) for s, e, r, k in step.meta.segments]
         step_meta = LoRASegments.build(segs, num_tokens, device=DEVICE)
         step_meta.max_rank = max_rank
         for name in ("seg_start", "seg_len", "seg_row", "seg_rank"):

@@ -25,7 +25,7 @@ CUDA-graph padding (decode): the batch may be padded to a fixed size ``B_pad`` (
 entries must have ``query_len`` 1 (a dummy token, any ``q`` values), ``seq_lens`` 0 (device and host
 copies), ``slot_mapping`` -1 (:func:`store_kv_triton` skips the write) and any ``block_tables`` row (never
 read). Their output rows are zeros. Pass a fixed ``num_splits`` when capturing (e.g.
-``decode_num_splits(B_pad, num_kv_heads, max_model_len)``): the split count is baked into the captured
+``decode_num_splits(B_pad, num_kv_heads, max_model_len, device)``): the split count is baked into the captured
 grid, while the per-split context ranges are computed on the device from ``seq_lens``, so the graph is
 valid for any context lengths at replay.
 """
@@ -54,8 +54,9 @@ _DECODE_MAX_SPLITS = 32
 class KernelConfig:
     """Launch parameters of one attention kernel.
 
-    ``block_m`` rows (query tokens x GQA group) per program (general kernel only), ``block_n`` keys per
-    inner-loop tile, plus Triton's ``num_warps`` / ``num_stages``.
+    ``block_m``: rows (query tokens x GQA group) per program of the general kernel, at least the group
+    size (unused by the decode kernel, whose rows are one token's group); ``block_n``: keys per
+    inner-loop tile; Triton's ``num_warps`` / ``num_stages``.
     """
 
     block_m: int
@@ -64,18 +65,30 @@ class KernelConfig:
     num_stages: int
 
 
-def general_config(head_dim: int, group: int) -> KernelConfig:
+# The defaults below were picked from sm_90 compiles (ptxas register counts, no spills) rather than
+# timings; benchmarks/bench_attention.py --sweep times alternatives on the real device.
+
+
+def general_config(group: int, max_query_len: int, dtype: torch.dtype) -> KernelConfig:
     """Default tiles of the general (prefill / mixed) kernel.
 
-    ``block_m`` must hold at least one query token's whole GQA group, and tl.dot needs 16 rows.
+    128-row tiles amortise each K/V tile over more queries when prefill chunks are long; steps whose
+    longest query (times the GQA group) fits in 64 rows use 64 to waste fewer rows. fp32 (ieee
+    tl.dot) needs much smaller tiles to stay in registers.
     """
-    block_m = max(64, triton.next_power_of_2(group))
-    return KernelConfig(block_m=block_m, block_n=64, num_warps=4, num_stages=2 if head_dim > 64 else 3)
+    if dtype == torch.float32:
+        return KernelConfig(
+            block_m=max(32, triton.next_power_of_2(group)), block_n=16, num_warps=4, num_stages=2
+        )
+    rows = 128 if max_query_len * group > 64 else 64
+    return KernelConfig(
+        block_m=max(rows, triton.next_power_of_2(group)), block_n=64, num_warps=8, num_stages=2
+    )
 
 
-def decode_config(head_dim: int) -> KernelConfig:
-    """Default tiles of the decode kernel (``block_m`` unused: the rows are the GQA group padded to 16)."""
-    return KernelConfig(block_m=16, block_n=64, num_warps=4, num_stages=2 if head_dim > 64 else 3)
+def decode_config(dtype: torch.dtype) -> KernelConfig:
+    """Default tiles of the decode kernel (8 warps keep a 64-key K and V tile in registers at D=128)."""
+    return KernelConfig(block_m=16, block_n=16 if dtype == torch.float32 else 64, num_warps=8, num_stages=2)
 
 
 @functools.lru_cache(maxsize=8)
@@ -127,7 +140,12 @@ def _store_kv_kernel(
     d = tl.arange(0, HEAD_DIM)
     mask = (h < num_kv_heads)[:, None]
     src = h[:, None] * stride_kh + d[None, :]
-    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_co + h[:, None] * stride_ch + d[None, :]
+    dst = (
+        (slot // BLOCK_SIZE) * stride_cb
+        + (slot % BLOCK_SIZE) * stride_co
+        + h[:, None] * stride_ch
+        + d[None, :]
+    )
     k = tl.load(k_ptr + tok.to(tl.int64) * stride_kt + src, mask=mask)
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     src = h[:, None] * stride_vh + d[None, :]
@@ -454,9 +472,7 @@ def _decode_reduce_kernel(
     acc = tl.sum(acc * w[:, None], 0)
     l_tot = tl.sum(l_s * w, 0)
     out = acc / tl.where(l_tot == 0.0, 1.0, l_tot)
-    tl.store(
-        out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty)
-    )
+    tl.store(out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -472,6 +488,7 @@ def paged_attention_triton(
     scale: float,
     *,
     num_splits: int | None = None,
+    config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """Causal attention of this step's queries over each sequence's paged context (Triton).
 
@@ -485,6 +502,8 @@ def paged_attention_triton(
         scale: softmax scale (usually ``head_dim ** -0.5``).
         num_splits: flash-decoding splits of the decode path (ignored otherwise); ``None`` picks
             :func:`decode_num_splits` from this step's sizes. Pass a fixed value under CUDA-graph capture.
+        config: launch parameters of the kernel that runs; ``None`` uses :func:`decode_config` or
+            :func:`general_config`.
     Returns:
         ``[T, num_heads, head_dim]`` in ``q``'s dtype. Rows of tokens that belong to no sequence
         (beyond ``query_start[B]``) are left uninitialised, as in the torch path.
@@ -519,10 +538,12 @@ def paged_attention_triton(
     )
 
     if num_tokens == num_seqs and meta.max_query_len == 1:
-        cfg = decode_config(head_dim)
+        cfg = config or decode_config(q.dtype)
         splits = num_splits or decode_num_splits(num_seqs, num_kv_heads, meta.max_seq_len, q.device)
         if splits > 1:
-            part_acc = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+            part_acc = torch.empty(
+                num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device
+            )
             part_ml = torch.empty(num_seqs, num_heads, splits, 2, dtype=torch.float32, device=q.device)
         else:  # unused by the kernel (NUM_SPLITS == 1 writes out directly)
             part_acc = part_ml = out
@@ -563,7 +584,8 @@ def paged_attention_triton(
             )
         return out
 
-    cfg = general_config(head_dim, group)
+    cfg = config or general_config(group, meta.max_query_len, q.dtype)
+    assert cfg.block_m >= group, "block_m must hold a whole GQA group"
     block_q = cfg.block_m // group
     _general_kernel[(num_tokens // block_q + num_seqs, num_kv_heads)](
         q,
@@ -587,4 +609,3 @@ def paged_attention_triton(
         num_stages=cfg.num_stages,
     )
     return out
-

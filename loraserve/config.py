@@ -140,15 +140,26 @@ class LoRAConfig:
     ``max_loras``: adapters resident on the device tier at once (each in a pool sized for
     ``max_loras * max_lora_rank`` rank rows, so small-rank adapters pack more densely).
     ``max_cpu_loras``: adapters kept in host memory (LRU); the rest are re-read from disk.
+    ``max_cpu_lora_bytes``: the host tier's bound in bytes (packed, model dtype); None: count only.
     ``lora_roots``: directories under which adapter paths given at request time must resolve.
+    ``lora_resolver_dirs``: directories searched, in order, for ``<dir>/<name>`` when a request
+    names an adapter that is not registered (registered lazily on first request).
+    ``adapter_memory_fraction``: when set, ``CacheConfig.kv_cache_memory`` is one budget for KV and
+    adapters and the adapter pool gets this fraction of it (``max_loras`` is then derived).
+    ``prefetch_workers``: threads that read, validate and pack adapters off the engine thread
+    (0: read synchronously on the engine thread).
     """
 
     enabled: bool = True
     max_loras: int = 8
     max_lora_rank: int = 64
     max_cpu_loras: int = 64
+    max_cpu_lora_bytes: int | None = None
     lora_roots: tuple[str, ...] = ()
     allow_runtime_paths: bool = True
+    lora_resolver_dirs: tuple[str, ...] = ()
+    adapter_memory_fraction: float | None = None
+    prefetch_workers: int = 2
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,11 @@ class LLM:
         device: "cpu" or "cuda"; None picks CUDA when available.
         loras: adapters to register at start, ``{name: path}``.
         lora_roots: directories that adapter paths given at request time must resolve under.
+        max_cpu_lora_bytes: the host tier's bound in bytes (None: bounded by ``max_cpu_loras`` only).
+        lora_resolver_dirs: directories where an unregistered adapter name is looked up as ``<dir>/<name>``.
+        adapter_memory_fraction: when set, ``kv_cache_memory`` is one device budget for KV and
+            adapters, and the adapter pool gets this fraction of it (``max_loras`` is then derived).
+        prefetch_workers: threads reading adapters from disk off the engine thread (0: inline).
         Other keyword arguments size the KV cache and the scheduler (see ``CacheConfig``, ``SchedulerConfig``).
     """
 
@@ -76,6 +81,10 @@ class LLM:
         lora_roots: Seq[str] = (),
         loras: dict[str, str] | None = None,
         seed: int = 0,
+        max_cpu_lora_bytes: int | None = None,
+        lora_resolver_dirs: Seq[str] = (),
+        adapter_memory_fraction: float | None = None,
+        prefetch_workers: int = 2,
     ) -> None:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         path = resolve_model_path(model)
@@ -91,6 +100,8 @@ class LLM:
             lora=LoRAConfig(
                 enabled=enable_lora, max_loras=max_loras, max_lora_rank=max_lora_rank,
                 max_cpu_loras=max_cpu_loras, lora_roots=tuple(lora_roots),
+                max_cpu_lora_bytes=max_cpu_lora_bytes, lora_resolver_dirs=tuple(lora_resolver_dirs),
+                adapter_memory_fraction=adapter_memory_fraction, prefetch_workers=prefetch_workers,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len
@@ -105,15 +116,21 @@ class LLM:
             self.add_lora(name, lora_path)
 
     # adapters -------------------------------------------------------------------------------
-    def add_lora(self, lora: LoRARequest | str, path: str | Path | None = None, pinned: bool = False) -> AdapterEntry:
-        """Register an adapter: ``add_lora(LoRARequest(...))`` or ``add_lora(name, path)``."""
+    def add_lora(
+        self, lora: LoRARequest | str, path: str | Path | None = None, pinned: bool = False, lazy: bool = False
+    ) -> AdapterEntry:
+        """Register an adapter: ``add_lora(LoRARequest(...))`` or ``add_lora(name, path)``.
+
+        ``lazy``: check only its config and tensor header now; the weights are read and validated
+        in the background before its first request runs (for registering thousands quickly).
+        """
         if isinstance(lora, LoRARequest):
             name, path = lora.lora_name, lora.lora_path
         else:
             name = lora
         if path is None:
             raise ValueError(f"adapter {name!r}: a path is needed to register it")
-        return self.engine.add_lora(name, path, pinned=pinned)
+        return self.engine.add_lora(name, path, pinned=pinned, lazy=lazy)
 
     def remove_lora(self, name: str) -> None:
         """Unregister an adapter (requests in flight finish first)."""
@@ -126,6 +143,22 @@ class LLM:
     def pin_lora(self, name: str, pinned: bool = True) -> AdapterEntry:
         """Keep an adapter on the device tier (never evicted) or release the pin."""
         return self.engine.pin_lora(name, pinned)
+
+    def preload_lora(self, name: str, tier: str = "gpu") -> AdapterEntry:
+        """Load an adapter into ``tier`` ("gpu" or "cpu") now, evicting only adapters no queued request needs."""
+        return self.engine.preload_lora(name, tier)
+
+    def evict_lora(self, name: str, tier: str = "gpu") -> AdapterEntry:
+        """Drop an adapter from ``tier``: "gpu" takes it off the device, "cpu" down to disk only."""
+        return self.engine.evict_lora(name, tier)
+
+    def lora_stats(self) -> dict[str, Any]:
+        """Adapters and bytes per tier, KV cache bytes, the budget split, hits/misses/evictions/loads."""
+        return self.engine.lora_stats()
+
+    def adapter_info(self, name: str) -> dict[str, Any]:
+        """One adapter: tier, bytes per tier, pinned, in flight, hits/misses/loads/evictions."""
+        return self.engine.adapter_info(name)
 
     # generation -----------------------------------------------------------------------------
     def generate(

@@ -14,6 +14,7 @@ aborting them) and the loop goes on serving the others; see :meth:`AsyncEngine._
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -67,10 +68,9 @@ class _Command:
     def resolve(self, result: Any, exc: BaseException | None) -> None:
         if self.loop is None or self.future is None:
             return
-        try:
+        # A closed event loop raises RuntimeError: its caller is gone and nobody waits any more.
+        with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(_set_future, self.future, result, exc)
-        except RuntimeError:  # the caller's event loop is closed: nobody is waiting any more
-            pass
 
 
 def _set_future(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,6 +18,7 @@ from loraserve.engine.runner import ModelRunner
 from loraserve.engine.scheduler import ScheduledSeq, Scheduler
 from loraserve.kvcache.block_manager import BlockManager
 from loraserve.lora.adapter import AdapterError
+from loraserve.lora.pool import apply_memory_budget, kv_block_bytes
 from loraserve.lora.store import AdapterEntry, AdapterNotFound, AdapterStore
 from loraserve.sampling import SampleRow, Sampler, SamplingParams
 
@@ -47,6 +49,7 @@ class LLMEngine:
     """One base model, many adapters, continuous batching. Not thread-safe: one caller drives ``step``."""
 
     def __init__(self, cfg: EngineConfig, tokenizer) -> None:
+        cfg = apply_memory_budget(cfg)  # LoRAConfig.adapter_memory_fraction: split one budget
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.runner = ModelRunner(cfg)
@@ -62,11 +65,15 @@ class LLMEngine:
         self._eos = frozenset(cfg.model.eos_token_ids)
 
     # adapters -------------------------------------------------------------------------------
-    def add_lora(self, name: str, path: str | Path, pinned: bool = False) -> AdapterEntry:
-        """Register (or re-register) an adapter; raises AdapterError and changes nothing if refused."""
+    def add_lora(self, name: str, path: str | Path, pinned: bool = False, lazy: bool = False) -> AdapterEntry:
+        """Register (or re-register) an adapter; raises AdapterError and changes nothing if refused.
+
+        ``lazy``: read only the config and tensor header now; the weights are read and validated
+        in the background before the first request on them runs (see ``AdapterStore.register``).
+        """
         if self.store is None:
             raise AdapterError(f"adapter {name!r}: LoRA is disabled on this engine (enable_lora=False)")
-        return self.store.register(name, path, pinned=pinned)
+        return self.store.register(name, path, pinned=pinned, lazy=lazy)
 
     def remove_lora(self, name: str) -> None:
         self._require_store().remove(name)
@@ -76,6 +83,39 @@ class LLMEngine:
 
     def list_loras(self) -> list[AdapterEntry]:
         return self.store.list() if self.store is not None else []
+
+    def preload_lora(self, name: str, tier: str = "gpu") -> AdapterEntry:
+        """Load an adapter into ``tier`` ("gpu"/"device" or "cpu") now; see ``AdapterStore.preload``."""
+        return self._require_store().preload(name, tier)
+
+    def evict_lora(self, name: str, tier: str = "gpu") -> AdapterEntry:
+        """Drop an adapter from ``tier`` ("gpu": off the device; "cpu": down to disk); see ``AdapterStore.evict``."""
+        return self._require_store().evict(name, tier)
+
+    def adapter_info(self, name: str) -> dict[str, Any]:
+        """One adapter's tier, bytes per tier, state and hit/miss/load/eviction counters."""
+        return self._require_store().info(name)
+
+    def lora_stats(self) -> dict[str, Any]:
+        """Adapters and bytes per tier, the KV cache's bytes, the device budget split and the counters."""
+        block = kv_block_bytes(self.cfg)
+        kv_total = self.blocks.num_blocks * block
+        kv = {
+            "blocks_total": self.blocks.num_blocks,
+            "blocks_free": self.blocks.num_free,
+            "block_bytes": block,
+            "bytes": kv_total,
+            "bytes_used": (self.blocks.num_blocks - self.blocks.num_free) * block,
+        }
+        pool_bytes = self.store.pool.nbytes if self.store is not None else 0
+        budget = {
+            "adapter_memory_fraction": self.cfg.lora.adapter_memory_fraction,
+            "bytes": pool_bytes + kv_total,
+            "adapter_pool_bytes": pool_bytes,
+            "kv_bytes": kv_total,
+        }
+        stats = self.store.stats_dict() if self.store is not None else {"tiers": {}, "counters": {}}
+        return {**stats, "kv": kv, "budget": budget}
 
     def resolve_lora(self, lora: LoRARequest | str | None) -> AdapterEntry | None:
         """Map a request's adapter reference to a registered entry.
@@ -96,6 +136,9 @@ class LLMEngine:
             if path is None or Path(path).resolve() == Path(entry.path):
                 return entry
         if path is None:
+            resolved = store.resolve(name)  # LoRAConfig.lora_resolver_dirs, registered lazily
+            if resolved is not None:
+                return resolved
             raise AdapterNotFound(f"no adapter named {name!r} is registered and no path was given")
         self._check_allowed(path)
         return store.register(name, path)

@@ -6,13 +6,41 @@ Each step, under a token budget (``max_num_batched_tokens``):
    prompt when a prefill was cut short. When KV blocks run out, the newest running sequence is
    preempted (its blocks freed, its adapter reference dropped) and re-queued at the front of the
    waiting queue; it recomputes later, usually from the prefix cache.
-2. Then waiting sequences, in arrival order, while sequences, tokens and blocks allow. A sequence
-   whose adapter cannot be made resident now (the device pool is full of adapters in use or
-   pinned) is skipped and later ones may go ahead, so a cold adapter does not stall hot ones.
-   **Wait bound**: once the oldest waiting sequence has been skipped ``adapter_wait_bound_steps``
-   times, nothing behind it is admitted until it is (the running batch drains, its adapters' rows
-   free up, it gets in). So no sequence waits more than that many admission rounds plus the time
-   for the running batch to drain.
+2. Then waiting sequences, in queue order (arrival order, preempted ones first), while sequences,
+   tokens and blocks allow, scanning at most ``lookahead`` of them.
+
+Adapter policy (the store does the moves, see ``loraserve.lora.store``):
+
+* **Admit only when ready.** A sequence is admitted only when its adapter is on the device (rows
+  allocated and written, or being written by a side-stream copy that the step's forward waits
+  for). If its adapter is in host memory the scheduler starts the device load right away (the
+  same step on CPU and CUDA); if it is on disk, the store's reader threads fetch it and the
+  sequence is simply skipped until then. So a cold adapter never stalls a step, and sequences of
+  resident adapters behind it go ahead: batches take as many distinct adapters as rows allow.
+* **Prefetch in queue order.** After admission the scheduler hands the store the distinct
+  adapters of the first ``lookahead`` waiting sequences in queue order; the store reads them from
+  disk in that order (a bounded number in flight) and copies host-resident ones onto free device
+  rows ahead of need.
+* **No thrashing.** Eviction takes only unpinned adapters that no running sequence uses, and
+  among them the one whose next use in the queue is furthest (not queued at all first; then
+  least recently used); it never evicts an adapter needed sooner than the one being loaded.
+
+**Bound.** Let B = ``adapter_wait_bound_steps``. A waiting sequence is *overtaken* in an admission
+round when it is skipped for lack of device rows (its adapter already in host memory) while a
+sequence queued behind it is admitted; its ``waited_steps`` counts those rounds.
+
+(a) No sequence is overtaken in more than B rounds: the first sequence in the queue that has been
+    overtaken B times and is still not ready takes the *reservation*, and while it holds it
+    nothing else is admitted (the device load is attempted for it alone).
+(b) The reservation holder is admitted within D + 1 steps of taking the reservation, where D is
+    the largest number of steps any then-running sequence still needs (its unprefilled prompt
+    chunks plus the tokens it may still generate, at most ``max_tokens``): nothing new starts,
+    so by then every unpinned adapter is unused and evictable, the KV cache and the batch seats
+    are free, and pins always leave ``max_lora_rank`` rows (enforced by the store). This assumes
+    every running sequence is scheduled each step (``max_num_batched_tokens >= max_num_seqs``).
+(c) Disk reads are issued in queue order, so a sequence's adapter reaches host memory after the
+    reads of the adapters queued before it (within ``lookahead``) have been issued; that part is
+    I/O time, not a scheduling decision, and does not count toward B.
 """
 
 from __future__ import annotations
@@ -20,11 +48,15 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import islice
 
 from loraserve.config import SchedulerConfig
-from loraserve.core import Sequence, SeqStatus
+from loraserve.core import SeqStatus, Sequence
 from loraserve.kvcache.block_manager import BlockManager, block_hash, seed_hash
-from loraserve.lora.store import AdapterStore
+from loraserve.lora.store import NOT_NEEDED, AdapterEntry, AdapterStore
+
+# How long an idle step (nothing runnable, reads in flight) blocks for a read instead of spinning.
+IDLE_WAIT_S = 0.05
 
 
 @dataclass
@@ -50,6 +82,11 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # The sequence holding the admission reservation (see the module docstring, bound (a)).
+        self.reserved: Sequence | None = None
+        self.num_reservations = 0
+        # Waiting sequences looked at per step: bounds the per-step cost with thousands queued.
+        self.lookahead = max(256, 4 * cfg.max_num_seqs)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -58,7 +95,19 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[ScheduledSeq]:
-        """Pick this step's work and reserve its KV blocks and adapters."""
+        """Pick this step's work and reserve its KV blocks and adapters.
+
+        Raises the load error (an AdapterError) of a queued sequence's adapter whose read failed,
+        before anything is scheduled, so that only that adapter's requests are implicated.
+        """
+        store = self.store
+        if store is not None:
+            store.poll()
+            if self.reserved is not None and self.reserved.status is not SeqStatus.WAITING:
+                self.reserved = None
+            exc = store.take_error(s.adapter for s in self.waiting if s.adapter is not None)
+            if exc is not None:
+                raise exc
         budget = self.cfg.max_num_batched_tokens
         out: list[ScheduledSeq] = []
         preempted = False
@@ -84,24 +133,55 @@ class Scheduler:
                 out.append(ScheduledSeq(seq, chunk))
                 budget -= chunk
             i += 1
+        priority = self._set_demand()
         if not preempted:
-            budget = self._admit(out, budget)
+            budget = self._admit(out, budget, priority)
+            if not out and store is not None and self.waiting and store.num_loading:
+                # Nothing can run until a read lands: wait for one rather than spin through empty steps.
+                store.wait_for_progress(IDLE_WAIT_S)
+                budget = self._admit(out, budget, priority)
+        if store is not None:
+            store.prefetch(device_upto=0 if self.reserved is not None else NOT_NEEDED)
+            store.prepare_step(item.seq.adapter for item in out if item.seq.adapter is not None)
         return out
 
-    def _admit(self, out: list[ScheduledSeq], budget: int) -> int:
+    def _set_demand(self) -> dict[AdapterEntry, int]:
+        """Tell the store which adapters the queue needs, in order (the reservation holder's first)."""
+        if self.store is None:
+            return {}
+        order: dict[AdapterEntry, int] = {}
+        if self.reserved is not None and self.reserved.adapter is not None:
+            order[self.reserved.adapter] = 0
+        for seq in islice(self.waiting, self.lookahead):
+            if seq.adapter is not None and seq.adapter not in order:
+                order[seq.adapter] = len(order)
+        self.store.set_demand(order)
+        return order
+
+    def _admit(self, out: list[ScheduledSeq], budget: int, priority: dict[AdapterEntry, int]) -> int:
+        store = self.store
+        holder = self.reserved
+        queue = [holder] if holder is not None else list(islice(self.waiting, self.lookahead))
         admitted: list[Sequence] = []
-        blocked_head = False
-        for pos, seq in enumerate(self.waiting):
+        overtaken: list[Sequence] = []  # skipped for rows with the adapter on the host, in queue order
+        tried: set[AdapterEntry] = set()
+        for seq in queue:
             if budget <= 0 or len(self.running) + len(admitted) >= self.cfg.max_num_seqs:
                 break
-            if blocked_head:
-                break
-            if seq.adapter is not None and self.store is not None and not self.store.can_make_resident({seq.adapter}):
-                seq.waited_steps += 1
-                # The oldest waiter past its bound stops everyone behind it (drain), see module doc.
-                if pos == 0 and seq.waited_steps > self.cfg.adapter_wait_bound_steps:
-                    blocked_head = True
-                continue
+            adapter = seq.adapter
+            if adapter is not None and store is not None and not store.is_ready(adapter):
+                if adapter not in tried:
+                    tried.add(adapter)
+                    store.make_resident(adapter, priority.get(adapter, NOT_NEEDED))
+                if not store.is_ready(adapter):
+                    if adapter in store.host:
+                        overtaken.append(seq)
+                        if holder is None and seq.waited_steps >= self.cfg.adapter_wait_bound_steps:
+                            # Bound (a): nothing behind it goes first from now on.
+                            self.reserved = seq
+                            self.num_reservations += 1
+                            break
+                    continue
             seed = seed_hash(seq.adapter_hash)
             hit_ids, hit_hashes = self.blocks.match_prefix(seq.token_ids, seed)
             cached = len(hit_ids) * self.blocks.block_size
@@ -115,13 +195,21 @@ class Scheduler:
             seq.num_computed = cached
             if seq.num_output == 0:
                 seq.num_cached_prompt = cached
-            if seq.adapter is not None and self.store is not None:
-                self.store.acquire(seq.adapter)
+            if adapter is not None and store is not None:
+                store.acquire(adapter)
                 seq.holds_adapter = True
             seq.status = SeqStatus.RUNNING
             admitted.append(seq)
             out.append(ScheduledSeq(seq, chunk))
             budget -= chunk
+        if admitted:
+            last = admitted[-1]
+            position = {s: n for n, s in enumerate(queue)}
+            for seq in overtaken:
+                if seq is not self.reserved and position[seq] < position[last]:
+                    seq.waited_steps += 1
+        if holder is not None and holder in admitted:
+            self.reserved = None
         for seq in admitted:
             self.waiting.remove(seq)
             self.running.append(seq)
@@ -146,6 +234,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        if seq is self.reserved:
+            self.reserved = None
         self._release(seq)
         seq.status = SeqStatus.FINISHED
 
@@ -154,6 +244,7 @@ class Scheduler:
         self._release(seq)
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
+        seq.waited_steps = 0  # a fresh wait: the bound counts from its re-queueing
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 

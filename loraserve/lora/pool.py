@@ -8,19 +8,24 @@ row count allows, whatever the mix of ranks.
 
 ``PackedAdapter`` is the same layout for one adapter on the host (``[L, r, S, in]`` ...), with the
 scale folded into B: moving an adapter onto the device is one copy per pool tensor.
+
+Memory: one rank row costs :func:`row_bytes` (every layer, every kind), so an adapter of rank ``r``
+takes ``r * row_bytes`` on the device and as a packed host copy -- its own rank, not the maximum.
+:func:`apply_memory_budget` splits one device budget between this pool and the KV cache.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
-from loraserve.config import ModelConfig
+from loraserve.config import EngineConfig, ModelConfig
 from loraserve.lora.adapter import LoRAWeights
 from loraserve.model.layers import LoRALayerWeights
-from loraserve.ops.lora import LoRAApplyFn
 from loraserve.model.llama import LORA_LAYER_SLICES
+from loraserve.ops.lora import LoRAApplyFn
 
 
 def kind_shapes(cfg: ModelConfig) -> dict[str, tuple[int, list[int]]]:
@@ -79,11 +84,68 @@ def pack_adapter(weights: LoRAWeights, cfg: ModelConfig, dtype: torch.dtype) -> 
     return PackedAdapter(r, a_out, b_out)
 
 
+def row_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of one rank row of the pool: A and B of every kind in every layer."""
+    per_layer = sum(len(outs) * in_f + sum(outs) for in_f, outs in kind_shapes(cfg).values())
+    return cfg.num_layers * per_layer * dtype.itemsize
+
+
+def kv_block_bytes(cfg: EngineConfig) -> int:
+    """Bytes of one KV block (K and V of every layer), as the runner allocates them."""
+    m = cfg.model
+    return 2 * m.num_layers * cfg.cache.block_size * m.num_kv_heads * m.head_dim * cfg.dtype.itemsize
+
+
+def apply_memory_budget(cfg: EngineConfig) -> EngineConfig:
+    """Split one device budget between the adapter pool and the KV cache (``adapter_memory_fraction``).
+
+    With ``LoRAConfig.adapter_memory_fraction = f`` set, ``CacheConfig.kv_cache_memory`` is read as
+    the budget for adapters *and* KV together: the pool gets ``f`` of it, rounded down to whole
+    ``max_lora_rank`` slots (so ``max_loras`` is derived, and rows are sized by the model's bytes
+    per rank row), and the KV cache gets the rest. Without ``f`` the config is returned unchanged
+    (``max_loras * max_lora_rank`` rows plus ``kv_cache_memory`` of KV, as before).
+
+    The split is fixed once the engine is built: the runner allocates the pool and the KV cache as
+    separate tensors, and the LoRA kernels address one contiguous row pool, so neither side can
+    grow into the other's free memory at runtime (see docs/architecture.md).
+    """
+    lora = cfg.lora
+    frac = lora.adapter_memory_fraction
+    if frac is None or not lora.enabled:
+        return cfg
+    if not 0.0 < frac < 1.0:
+        raise ValueError(f"adapter_memory_fraction must be in (0, 1), got {frac}")
+    if cfg.cache.num_blocks is not None:
+        raise ValueError(
+            "adapter_memory_fraction splits kv_cache_memory between adapters and KV; "
+            "it cannot be combined with a fixed num_blocks"
+        )
+    budget = cfg.cache.kv_cache_memory
+    slot = row_bytes(cfg.model, cfg.dtype) * lora.max_lora_rank
+    slots = int(frac * budget) // slot
+    if slots < 1:
+        raise ValueError(
+            f"adapter_memory_fraction={frac} of {budget} bytes is less than one rank-{lora.max_lora_rank} "
+            f"adapter ({slot} bytes)"
+        )
+    kv = budget - slots * slot
+    if kv < 16 * kv_block_bytes(cfg):
+        raise ValueError(
+            f"adapter_memory_fraction={frac} leaves {kv} bytes of KV cache, fewer than 16 blocks"
+        )
+    return replace(cfg, lora=replace(lora, max_loras=slots), cache=replace(cfg.cache, kv_cache_memory=kv))
+
+
 class DeviceLoRAPool:
     """Fixed device tensors for ``total_rows`` rank rows, plus a contiguous row allocator."""
 
     def __init__(
-        self, cfg: ModelConfig, total_rows: int, dtype: torch.dtype, device: torch.device | str, apply: LoRAApplyFn
+        self,
+        cfg: ModelConfig,
+        total_rows: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        apply: LoRAApplyFn,
     ) -> None:
         self.total_rows = total_rows
         self.device = torch.device(device)
@@ -92,10 +154,15 @@ class DeviceLoRAPool:
         for kind, (in_f, outs) in kind_shapes(cfg).items():
             slices = len(LORA_LAYER_SLICES[kind])
             self.a[kind] = torch.zeros(cfg.num_layers, total_rows, slices, in_f, dtype=dtype, device=device)
-            self.b[kind] = [torch.zeros(cfg.num_layers, total_rows, o, dtype=dtype, device=device) for o in outs]
+            self.b[kind] = [
+                torch.zeros(cfg.num_layers, total_rows, o, dtype=dtype, device=device) for o in outs
+            ]
         self.num_layers = cfg.num_layers
         self.apply = apply
+        self.row_bytes = row_bytes(cfg, dtype)
         self._owners: dict[object, tuple[int, int]] = {}  # key -> (row, rank)
+        # Called before compaction moves rows, so that copies still in flight into them land first.
+        self.before_compact: Callable[[], None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -111,8 +178,16 @@ class DeviceLoRAPool:
         }
 
     @property
+    def used_rows(self) -> int:
+        return sum(rank for _, rank in self._owners.values())
+
+    @property
     def free_rows(self) -> int:
-        return self.total_rows - sum(rank for _, rank in self._owners.values())
+        return self.total_rows - self.used_rows
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self._owners)
 
     def row_of(self, key: object) -> int:
         return self._owners[key][0]
@@ -157,6 +232,8 @@ class DeviceLoRAPool:
         return cursor if self.total_rows - cursor >= rank else None
 
     def _compact(self) -> None:
+        if self.before_compact is not None:
+            self.before_compact()
         cursor = 0
         for key, (row, r) in sorted(self._owners.items(), key=lambda kv: kv[1][0]):
             if row != cursor:

@@ -22,12 +22,13 @@ Nothing reads device values on the host: grids come from ``T``, ``B`` and ``max_
 in :class:`~loraserve.ops.attention.AttentionMeta`), loop bounds from device ``seq_lens`` / ``query_start``.
 
 CUDA-graph padding (decode): the batch may be padded to a fixed size ``B_pad`` (``T = B_pad``). Padded
-entries must have ``query_len`` 1 (a dummy token, any ``q`` values), ``seq_lens`` 0 (device and host
-copies), ``slot_mapping`` -1 (:func:`store_kv_triton` skips the write) and any ``block_tables`` row (never
-read). Their output rows are zeros. Pass a fixed ``num_splits`` when capturing (e.g.
-``decode_num_splits(B_pad, num_kv_heads, max_model_len, device)``): the split count is baked into the captured
-grid, while the per-split context ranges are computed on the device from ``seq_lens``, so the graph is
-valid for any context lengths at replay.
+entries must have ``query_len`` 1 (a dummy token, any ``q`` values; ``query_start`` is then
+``arange(B_pad + 1)``), ``seq_lens`` 0 (device and host copies), ``slot_mapping`` -1
+(:func:`store_kv_triton` skips the write) and any ``block_tables`` row (never read). Their output rows
+are zeros. Pass a fixed ``num_splits`` when capturing (e.g.
+``decode_num_splits(B_pad, num_kv_heads, max_model_len, device)``): the split count is baked into the
+captured grid, while each split's context range is computed on the device from ``seq_lens``, so one graph
+serves any context lengths up to the captured ``block_tables`` width.
 """
 
 from __future__ import annotations
@@ -161,8 +162,8 @@ def store_kv_triton(
     ``k``, ``v``: ``[T, num_kv_heads, head_dim]`` (may be strided views of a fused qkv output, last dim
     contiguous); caches ``[num_blocks, block_size, num_kv_heads, head_dim]`` (last dim contiguous);
     ``slot_mapping``: ``[T]`` int64. ``k_cache.view(-1, H, D)[slot_mapping[i]] = k[i]`` for every
-    ``slot_mapping[i] >= 0``. torch's ``index_copy_`` would be as fast, but it cannot skip padded
-    tokens without a host-side filter (a sync) and needs contiguous sources (a copy).
+    ``slot_mapping[i] >= 0``. torch's ``index_copy_`` moves the same bytes (benchmarks/bench_attention.py
+    times both) but faults on slot -1, and skipping padded tokens there would need a host-side filter.
     """
     num_tokens, kv_heads, head_dim = k.shape
     if num_tokens == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -78,6 +79,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the OpenAI-compatible server until interrupted."""
+    import uvicorn
+
+    from loraserve.server.api import ServerConfig, create_app
+
+    if args.allow_runtime_lora and not args.lora_root:
+        logging.getLogger(__name__).warning(
+            "--allow-runtime-lora without --lora-root: every runtime load will be refused"
+        )
+    llm = build_llm(args, lora_roots=tuple(args.lora_root))
+    config = ServerConfig(
+        served_model_name=args.served_model_name,
+        api_key=args.api_key,
+        admin_api_key=args.admin_api_key,
+        allow_runtime_lora=args.allow_runtime_lora,
+        lora_roots=tuple(args.lora_root),
+        max_request_bytes=args.max_request_bytes,
+    )
+    app = create_app(llm, config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loraserve", description="Serve one base model with many LoRA adapters.")
     parser.add_argument("--log-level", default="WARNING")
@@ -93,6 +118,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--sample-seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    add_engine_args(srv)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", default=None, help="the base model's id in the API (default: its directory name)")
+    srv.add_argument(
+        "--api-key", default=os.environ.get("LORASERVE_API_KEY"),
+        help="required as 'Authorization: Bearer KEY' on every route (default: $LORASERVE_API_KEY)",
+    )
+    srv.add_argument(
+        "--admin-api-key", default=os.environ.get("LORASERVE_ADMIN_API_KEY"),
+        help="required on the adapter management routes (default: $LORASERVE_ADMIN_API_KEY)",
+    )
+    srv.add_argument(
+        "--allow-runtime-lora", action="store_true",
+        help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter",
+    )
+    srv.add_argument(
+        "--lora-root", action="append", default=[], metavar="DIR",
+        help="directory runtime adapter paths must resolve under (repeatable)",
+    )
+    srv.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024, help="larger request bodies get 413")
+    srv.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

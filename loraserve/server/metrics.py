@@ -82,6 +82,7 @@ class _EngineCounters(Collector):
 
     def __init__(self) -> None:
         self.snapshot: EngineSnapshot | None = None
+        self.step_failures = 0
 
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot
@@ -102,6 +103,11 @@ class _EngineCounters(Collector):
         yield evictions
         yield CounterMetricFamily(
             "loraserve_num_preemptions", "Sequences preempted for lack of KV blocks", value=snap.num_preemptions
+        )
+        yield CounterMetricFamily(
+            "loraserve_engine_step_failures",
+            "Engine steps that raised (only their requests failed)",
+            value=self.step_failures,
         )
 
 
@@ -142,9 +148,6 @@ class ServerMetrics:
         self.kv_free = Gauge("loraserve_kv_cache_free_blocks", "Free KV blocks", registry=r)
         self.running = Gauge("loraserve_num_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge("loraserve_num_requests_waiting", "Requests waiting to be scheduled", registry=r)
-        self.step_failures = Gauge(
-            "loraserve_engine_step_failures", "Engine steps that raised (their requests failed)", registry=r
-        )
         self._engine_counters = _EngineCounters()
         r.register(self._engine_counters)
         self.load_seconds_seen = 0
@@ -175,7 +178,7 @@ class ServerMetrics:
         self.waiting.set(snap.num_requests_waiting)
         self.kv_usage.set(snap.kv_usage)
         self.kv_free.set(snap.kv_blocks_free)
-        self.step_failures.set(step_failures)
+        self._engine_counters.step_failures = step_failures
         for tier in TIERS:
             self.adapters_resident.labels(tier).set(snap.adapters_by_tier.get(tier, 0))
         for seconds in snap.adapter_load_seconds:

@@ -39,10 +39,11 @@ import httpx
 
 logger = logging.getLogger("bench_online")
 
-WORDS = (
+_VOCABULARY = (
     "the model serves many adapters at once while the scheduler batches requests from every tenant "
     "and the cache keeps recent blocks so that similar prompts reuse earlier work quickly"
-).split()
+)
+WORDS = _VOCABULARY.split()
 
 
 @dataclass
@@ -207,7 +208,9 @@ async def run_load(args: argparse.Namespace, url: str, models: list[str]) -> tup
     plan = []
     t = 0.0
     for _ in range(args.num_requests):
-        plan.append((t, rng.choice(models), make_prompt(rng, rng.randint(args.prompt_words // 2, args.prompt_words))))
+        plan.append(
+            (t, rng.choice(models), make_prompt(rng, rng.randint(args.prompt_words // 2, args.prompt_words)))
+        )
         t += rng.expovariate(args.rate)
     limits = httpx.Limits(max_connections=args.num_requests, max_keepalive_connections=args.num_requests)
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.request_timeout), limits=limits) as client:
@@ -270,14 +273,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", default=None, help="bearer key for --url")
     p.add_argument("--model", default=None, help="base model directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--tiny", action="store_true", help="use a tiny random Llama (smoke test)")
-    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH", help="adapter to serve (repeatable)")
+    p.add_argument(
+        "--lora", action="append", default=[], metavar="NAME=PATH", help="adapter to serve (repeatable)"
+    )
     p.add_argument("--num-adapters", type=int, default=4, help="adapters to create when no --lora is given")
     p.add_argument("--adapter-rank", type=int, default=8)
-    p.add_argument("--models", default=None, help="comma-separated model ids to request (default: all adapters)")
+    p.add_argument(
+        "--models", default=None, help="comma-separated model ids to request (default: all adapters)"
+    )
     p.add_argument("--rate", type=float, default=2.0, help="mean arrivals per second (Poisson)")
     p.add_argument("--num-requests", type=int, default=60)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--prompt-words", type=int, default=48, help="prompts have between half this and this many words")
+    p.add_argument(
+        "--prompt-words", type=int, default=48, help="prompts have between half this and this many words"
+    )
     p.add_argument("--max-loras", type=int, default=4, help="device adapter slots of the started server")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--port", type=int, default=0, help="port of the started server (default: a free one)")
@@ -300,7 +309,9 @@ def discover_models(url: str, api_key: str | None) -> tuple[str, list[str]]:
 def main(argv: list[str] | None = None) -> Report:
     """Run the benchmark; returns the report (also printed, and written to ``--out``)."""
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     with contextlib.ExitStack() as stack:
         url = args.url

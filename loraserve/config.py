@@ -183,6 +183,8 @@ class EngineConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     seed: int = 0
+    load_format: str = "auto"  # "dummy": random weights at the checkpoint's shapes (benchmarks)
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
 
     @property
     def max_model_len(self) -> int:

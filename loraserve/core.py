@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from loraserve.detokenize import IncrementalDetokenizer
+    from loraserve.detokenize import OutputText
     from loraserve.lora.store import AdapterEntry
     from loraserve.sampling import SamplingParams
 
@@ -58,7 +58,7 @@ class Sequence:
     params: SamplingParams
     adapter: AdapterEntry | None
     generator: torch.Generator | None
-    detok: IncrementalDetokenizer | None
+    detok: OutputText | None
     arrival_time: float = field(default_factory=time.monotonic)
     seq_id: int = field(default_factory=lambda: next(_seq_counter))
     status: SeqStatus = SeqStatus.WAITING

@@ -52,6 +52,9 @@ class LLM:
         dtype: "auto" (float32 on CPU, bfloat16 on CUDA), "float32", "bfloat16", "float16".
         device: "cpu" or "cuda"; None picks CUDA when available.
         loras: adapters to register at start, ``{name: path}``.
+        load_format: "auto" reads the checkpoint; "dummy" draws random weights at its shapes (benchmarks).
+        enforce_eager: never use CUDA graphs.
+        skip_tokenizer_init: no tokenizer (prompts must be token ids; outputs carry no text).
         lora_roots: directories that adapter paths given at request time must resolve under.
         max_cpu_lora_bytes: the host tier's bound in bytes (None: bounded by ``max_cpu_loras`` only).
         lora_resolver_dirs: directories where an unregistered adapter name is looked up as ``<dir>/<name>``.
@@ -85,6 +88,9 @@ class LLM:
         lora_resolver_dirs: Seq[str] = (),
         adapter_memory_fraction: float | None = None,
         prefetch_workers: int = 2,
+        load_format: str = "auto",
+        enforce_eager: bool = False,
+        skip_tokenizer_init: bool = False,
     ) -> None:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         path = resolve_model_path(model)
@@ -107,9 +113,11 @@ class LLM:
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len
             ),
             seed=seed,
+            load_format=load_format,
+            enforce_eager=enforce_eager,
         )
         torch.manual_seed(seed)
-        self.tokenizer = load_tokenizer(path)
+        self.tokenizer = None if skip_tokenizer_init else load_tokenizer(path)
         self.engine = LLMEngine(cfg, self.tokenizer)
         self._ids = itertools.count()
         for name, lora_path in (loras or {}).items():
@@ -182,7 +190,7 @@ class LLM:
         ids = []
         for (text, token_ids), p, adapter in zip(items, params, adapters, strict=True):
             rid = str(next(self._ids))
-            self.engine.add_request(rid, token_ids, p, adapter, prompt=text)
+            self.engine.add_request(rid, token_ids, p, adapter, prompt=text, stream=False)
             ids.append(rid)
         return self._run(ids, use_tqdm)
 

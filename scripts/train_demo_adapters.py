@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--max-new-tokens", type=int, default=80, help="length cap for base answers")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="length cap for base answers")
     parser.add_argument(
         "--styles", nargs="+", default=[s.name for s in STYLES], choices=[s.name for s in STYLES]
     )

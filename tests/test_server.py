@@ -228,13 +228,19 @@ def test_streamed_completion_and_plain_chat(served: Served, ref: LLM) -> None:
     client = served.client()
     parts = [
         c.choices[0].text
-        for c in client.completions.create(model="a3", prompt="stream me", max_tokens=10, temperature=0, stream=True)
+        for c in client.completions.create(
+            model="a3", prompt="stream me", max_tokens=10, temperature=0, stream=True
+        )
     ]
     want = ref.generate("stream me", greedy(10), lora_request="a3", use_tqdm=False)[0]
     assert "".join(parts) == want.outputs[0].text
-    messages = [{"role": "user", "content": [{"type": "text", "text": "multi"}, {"type": "text", "text": "part"}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "multi"}, {"type": "text", "text": "part"}]}
+    ]
     r = client.chat.completions.create(model="a4", messages=messages, max_tokens=9, temperature=0)
-    want = ref.chat([{"role": "user", "content": "multipart"}], greedy(9), lora_request="a4", use_tqdm=False)[0]
+    want = ref.chat([{"role": "user", "content": "multipart"}], greedy(9), lora_request="a4", use_tqdm=False)[
+        0
+    ]
     assert r.choices[0].message.content == want.outputs[0].text
     assert r.choices[0].message.role == "assistant"
 
@@ -248,7 +254,14 @@ def test_sampling_params_pass_through(served: Served, ref: LLM) -> None:
         presence_penalty=0.5, frequency_penalty=0.3, extra_body=extra,
     )  # fmt: skip
     params = SamplingParams(
-        n=2, temperature=0.9, top_p=0.9, seed=7, max_tokens=10, presence_penalty=0.5, frequency_penalty=0.3, **extra
+        n=2,
+        temperature=0.9,
+        top_p=0.9,
+        seed=7,
+        max_tokens=10,
+        presence_penalty=0.5,
+        frequency_penalty=0.3,
+        **extra,
     )
     want = ref.generate("sample", params, lora_request="a6", use_tqdm=False)[0]
     assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [o.text for o in want.outputs]
@@ -261,6 +274,23 @@ def test_batch_prompts_and_token_ids(served: Served, ref: LLM) -> None:
     want = ref.generate(prompts, greedy(6, n=2), lora_request="a7", use_tqdm=False)
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     assert [c.text for c in r.choices] == [o.text for w in want for o in w.outputs]
+    stream = served.client().completions.create(
+        model="a7", prompt=prompts, max_tokens=6, temperature=0, n=2, stream=True
+    )
+    texts = ["", "", "", ""]
+    for chunk in stream:
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+    assert texts == [o.text for w in want for o in w.outputs]
+    chat = served.client().chat.completions.create(
+        model="a7", messages=[{"role": "user", "content": "n"}], max_tokens=6, temperature=0, n=2, stream=True
+    )
+    texts = ["", ""]
+    for chunk in chat:
+        texts[chunk.choices[0].index] += chunk.choices[0].delta.content or ""
+    want_chat = ref.chat(
+        [{"role": "user", "content": "n"}], greedy(6, n=2), lora_request="a7", use_tqdm=False
+    )
+    assert texts == [o.text for o in want_chat[0].outputs]
     ids = ref.tokenizer.encode("token ids")
     r = served.client().completions.create(model=BASE, prompt=ids, max_tokens=6, temperature=0)
     assert r.choices[0].text == ref.generate([ids], greedy(6), use_tqdm=False)[0].outputs[0].text
@@ -287,11 +317,18 @@ def test_logprobs_shapes(served: Served, ref: LLM) -> None:
     params = greedy(5, logprobs=3, ignore_eos=True)
     want = ref.generate("logprobs", params, lora_request="a1", use_tqdm=False)[0].outputs[0]
     r = client.completions.create(
-        model="a1", prompt="logprobs", max_tokens=5, temperature=0, logprobs=3, extra_body={"ignore_eos": True}
+        model="a1",
+        prompt="logprobs",
+        max_tokens=5,
+        temperature=0,
+        logprobs=3,
+        extra_body={"ignore_eos": True},
     )
     lp = r.choices[0].logprobs
     assert lp is not None and lp.tokens is not None and lp.text_offset is not None
-    assert lp.token_logprobs == pytest.approx([d[t] for t, d in zip(want.token_ids, want.logprobs, strict=True)])
+    assert lp.token_logprobs == pytest.approx(
+        [d[t] for t, d in zip(want.token_ids, want.logprobs, strict=True)]
+    )
     # The top 3 plus the chosen token (token strings may collide: several bytes decode to U+FFFD).
     assert len(lp.tokens) == 5 and lp.top_logprobs and all(1 <= len(d) <= 4 for d in lp.top_logprobs)
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
@@ -305,7 +342,9 @@ def test_logprobs_shapes(served: Served, ref: LLM) -> None:
             stream=stream, extra_body={"ignore_eos": True},
         )  # fmt: skip
         if stream:
-            content = [e for c in resp if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+            content = [
+                e for c in resp if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+            ]
         else:
             content = resp.choices[0].logprobs.content
         assert len(content) == 5
@@ -368,7 +407,9 @@ def test_adapter_paths_outside_the_root_are_refused(served: Served, env: Env, pa
 
 def test_resolve_adapter_path_accepts_relative_and_refuses_inner_symlinks(env: Env, tmp_path: Path) -> None:
     assert resolve_adapter_path("rt", [env.lora_root]) == (env.lora_root / "rt").resolve()
-    assert resolve_adapter_path(str(env.lora_root / "rt"), [env.lora_root]) == (env.lora_root / "rt").resolve()
+    assert (
+        resolve_adapter_path(str(env.lora_root / "rt"), [env.lora_root]) == (env.lora_root / "rt").resolve()
+    )
     sneaky = tmp_path / "root" / "sneaky"
     sneaky.mkdir(parents=True)
     os.symlink(env.outside / "ext" / "adapter_config.json", sneaky / "adapter_config.json")
@@ -451,7 +492,9 @@ def test_bad_chat_values_and_shapes(served: Served) -> None:
         client.chat.completions.create(model=BASE, messages=[])
     assert e.value.body["param"] == "messages"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "x"}], top_logprobs=3)
+        client.chat.completions.create(
+            model=BASE, messages=[{"role": "user", "content": "x"}], top_logprobs=3
+        )
     assert e.value.body["param"] == "top_logprobs"
     r = served.post("/v1/chat/completions", {"model": BASE, "messages": [{"role": "wizard", "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
@@ -465,7 +508,9 @@ def test_malformed_json_unknown_model_and_oversized_body(served: Served) -> None
     with pytest.raises(openai.NotFoundError) as e:
         served.client().completions.create(model="no-such-model", prompt="hi", max_tokens=2)
     err = e.value.body
-    assert set(err) >= {"message", "type", "code"} and err["code"] == 404 and "no-such-model" in err["message"]
+    assert (
+        set(err) >= {"message", "type", "code"} and err["code"] == 404 and "no-such-model" in err["message"]
+    )
     with pytest.raises(openai.NotFoundError):
         served.client().chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
     r = served.post("/v1/completions", {"model": BASE, "prompt": "y" * (BODY_LIMIT + 10)})
@@ -488,7 +533,9 @@ def test_api_key_is_required_everywhere(served: Served) -> None:
 # disconnects, concurrency, metrics -----------------------------------------------------------
 def test_client_disconnect_frees_kv_blocks(served: Served) -> None:
     total = served.engine_call(lambda e: e.blocks.num_blocks)
-    aborted = metric(served.get("/metrics").text, "loraserve_requests_total", adapter="a3", finish_reason="abort")
+    aborted = metric(
+        served.get("/metrics").text, "loraserve_requests_total", adapter="a3", finish_reason="abort"
+    )
     body = {"model": "a3", "prompt": "disconnect me", "max_tokens": 400, "stream": True, "ignore_eos": True}
     with httpx.stream(
         "POST", f"{served.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}
@@ -525,10 +572,16 @@ def test_64_concurrent_streams_over_8_adapters(served: Served, ref: LLM) -> None
     async def one(client: openai.AsyncOpenAI, model: str, prompt: str, chat: bool) -> str:
         if chat:
             stream = await client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": prompt}], max_tokens=12, temperature=0, stream=True
+                model=model,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=12,
+                temperature=0,
+                stream=True,
             )
             return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
-        stream = await client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0, stream=True)
+        stream = await client.completions.create(
+            model=model, prompt=prompt, max_tokens=12, temperature=0, stream=True
+        )
         return "".join([c.choices[0].text async for c in stream])
 
     async def run_all() -> list[str]:
@@ -552,7 +605,11 @@ def fragile(env: Env) -> Iterator[Served]:
     """A server whose adapter 'victim' is only on disk (host cache of one) and whose files are gone."""
     victim = env.root / "victim"
     shutil.copytree(env.adapters["a0"], victim)
-    llm = LLM(env.base, loras={"victim": str(victim), "a1": str(env.adapters["a1"])}, **{**LLM_KW, "max_cpu_loras": 1})
+    llm = LLM(
+        env.base,
+        loras={"victim": str(victim), "a1": str(env.adapters["a1"])},
+        **{**LLM_KW, "max_cpu_loras": 1},
+    )
     (victim / "adapter_model.safetensors").unlink()
     app = create_app(llm, served_model_name=BASE)
     with ServerThread(app) as st:
@@ -564,7 +621,12 @@ def test_engine_error_fails_only_that_request(fragile: Served, ref: LLM) -> None
     request running in the same batch finishes correctly, and later requests are served."""
     client = fragile.client()
     stream = client.completions.create(
-        model=BASE, prompt="survivor", max_tokens=300, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        model=BASE,
+        prompt="survivor",
+        max_tokens=300,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
     )
     chunks = [next(iter(stream))]
     for kwargs in ({}, {"stream": True}):
@@ -576,13 +638,18 @@ def test_engine_error_fails_only_that_request(fragile: Served, ref: LLM) -> None
     want = ref.generate("survivor", greedy(300, ignore_eos=True), use_tqdm=False)[0].outputs[0].text
     assert "".join(c.choices[0].text for c in chunks) == want
     r = client.completions.create(model="a1", prompt="next one", max_tokens=6, temperature=0)
-    assert r.choices[0].text == ref.generate("next one", greedy(6), lora_request="a1", use_tqdm=False)[0].outputs[0].text
+    assert (
+        r.choices[0].text
+        == ref.generate("next one", greedy(6), lora_request="a1", use_tqdm=False)[0].outputs[0].text
+    )
     fragile.wait_idle()
     assert fragile.engine_call(lambda e: e.blocks.num_free == e.blocks.num_blocks)
     assert metric(fragile.get("/metrics").text, "loraserve_engine_step_failures_total") >= 2
 
 
-def test_forward_failure_fails_the_batch_and_serving_continues(fragile: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_forward_failure_fails_the_batch_and_serving_continues(
+    fragile: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No real input makes the forward pass raise, so one method is patched: ``runner.run`` raises
     when a batch holds the poison prompt. Its request gets 500; the next request works."""
     runner = fragile.server.llm.engine.runner
@@ -614,8 +681,26 @@ def test_bench_online_smoke(env: Env, tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setitem(sys.modules, "bench_online", bench)  # its dataclasses look their module up
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
-    argv = ["--model", str(env.base), "--num-requests", "6", "--rate", "50", "--max-tokens", "4", "--out", str(out)]
-    argv += ["--lora", f"a0={env.adapters['a0']}", "--lora", f"a1={env.adapters['a1']}", "--log-level", "WARNING"]
+    argv = [
+        "--model",
+        str(env.base),
+        "--num-requests",
+        "6",
+        "--rate",
+        "50",
+        "--max-tokens",
+        "4",
+        "--out",
+        str(out),
+    ]
+    argv += [
+        "--lora",
+        f"a0={env.adapters['a0']}",
+        "--lora",
+        f"a1={env.adapters['a1']}",
+        "--log-level",
+        "WARNING",
+    ]
     report = bench.main(argv)
     assert report.completed == 6 and report.failed == 0
     data = json.loads(out.read_text())

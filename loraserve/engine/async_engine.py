@@ -18,7 +18,7 @@ import contextlib
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -156,7 +156,7 @@ class AsyncEngine:
         params: SamplingParams,
         adapter: AdapterEntry | str | None = None,
         prompt: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Add a request and yield its outputs until one is ``finished``.
 
         ``adapter``: None for the base model, an entry, or the name of a registered adapter (looked
@@ -258,7 +258,9 @@ class AsyncEngine:
 
     def _dispatch(self, items: list[tuple[str, _Stream, RequestOutput | BaseException]]) -> None:
         """Hand items to their streams: one ``call_soon_threadsafe`` per event loop per step."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, _Stream, RequestOutput | BaseException]]] = {}
+        by_loop: dict[
+            asyncio.AbstractEventLoop, list[tuple[str, _Stream, RequestOutput | BaseException]]
+        ] = {}
         for item in items:
             by_loop.setdefault(item[1].loop, []).append(item)
         for loop, group in by_loop.items():
@@ -287,7 +289,9 @@ class AsyncEngine:
         for rid in victims.union(lost):
             stream = self._streams.pop(rid, None)
             if stream is not None:
-                items.append((rid, stream, RequestFailed(f"the engine failed while running this request: {exc}")))
+                items.append(
+                    (rid, stream, RequestFailed(f"the engine failed while running this request: {exc}"))
+                )
         self._dispatch(items)
 
     def _implicated(self, exc: Exception) -> set[str]:
@@ -321,7 +325,9 @@ class AsyncEngine:
         if store is None:
             return set()
         message = str(exc)
-        entries = {s.adapter for req in self.engine.requests.values() for s in req.seqs if s.adapter is not None}
+        entries = {
+            s.adapter for req in self.engine.requests.values() for s in req.seqs if s.adapter is not None
+        }
         return {e for e in entries if f"adapter {e.name!r}" in message and e.tier(store) == "disk"}
 
     def _drain_commands(self, exc: BaseException) -> None:

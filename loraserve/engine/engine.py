@@ -32,6 +32,7 @@ class _Request:
     prompt_ids: list[int]
     seqs: list[Sequence]
     lora_name: str | None
+    stream: bool = True
     arrival: float = field(default_factory=time.monotonic)
 
 
@@ -166,8 +167,14 @@ class LLMEngine:
         params: SamplingParams,
         adapter: AdapterEntry | None = None,
         prompt: str | None = None,
+        stream: bool = True,
     ) -> None:
-        """Queue a request. Raises ValueError for a prompt that cannot fit the context or the cache."""
+        """Queue a request. Raises ValueError for a prompt that cannot fit the context or the cache.
+
+        ``stream``: report the request after every step that advances it (with incremental text);
+        False reports it once, finished, and detokenizes once at the end unless stop strings need
+        the text as it grows (the offline API's setting: no per-token decode on the hot path).
+        """
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_ids:
@@ -186,6 +193,7 @@ class LLMEngine:
         if adapter is not None and adapter.removed:
             raise AdapterNotFound(f"adapter {adapter.name!r} was removed")
         seqs = []
+        incremental = self.tokenizer is not None and (stream or bool(params.stop_list))
         for i in range(params.n):
             gen = None
             if params.seed is not None:
@@ -194,11 +202,11 @@ class LLMEngine:
                 Sequence(
                     request_id=request_id, index=i, token_ids=list(prompt_ids), num_prompt_tokens=len(prompt_ids),
                     params=params, adapter=adapter, generator=gen,
-                    detok=OutputText(self.tokenizer, prompt_ids, params) if self.tokenizer is not None else None,
+                    detok=OutputText(self.tokenizer, prompt_ids, params) if incremental else None,
                 )
             )
         self.requests[request_id] = _Request(
-            request_id, prompt, list(prompt_ids), seqs, adapter.name if adapter is not None else None
+            request_id, prompt, list(prompt_ids), seqs, adapter.name if adapter is not None else None, stream
         )
         for seq in seqs:
             self.scheduler.add(seq)
@@ -249,6 +257,8 @@ class LLMEngine:
                 touched[req.request_id] = req
         outputs = []
         for req in touched.values():
+            if not req.stream and not all(s.finished for s in req.seqs):
+                continue
             out = self._output(req)
             if out.finished:
                 del self.requests[req.request_id]
@@ -288,7 +298,7 @@ class LLMEngine:
             outs.append(
                 CompletionOutput(
                     index=seq.index,
-                    text=seq.detok.text if seq.detok is not None else "",
+                    text=self._text(seq),
                     token_ids=list(seq.output_ids),
                     cumulative_logprob=float(sum(seq.token_logprobs)),
                     logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
@@ -310,6 +320,17 @@ class LLMEngine:
             num_cached_tokens=max(s.num_cached_prompt for s in req.seqs),
             metrics=metrics,
         )
+
+    def _text(self, seq: Sequence) -> str:
+        if seq.detok is not None:
+            return seq.detok.text
+        if self.tokenizer is None or not seq.finished:
+            return ""
+        ids = seq.output_ids
+        # A final EOS / stop token's text is not part of the output (vLLM's default).
+        if seq.finish_reason == "stop" and ids and not seq.params.include_stop_str_in_output:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
 
     def _record_stats(self, scheduled: list[ScheduledSeq]) -> None:
         adapters = {item.seq.adapter for item in scheduled if item.seq.adapter is not None}

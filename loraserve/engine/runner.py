@@ -13,6 +13,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from loraserve.config import EngineConfig
+from loraserve.engine.cuda_graphs import DecodeGraphs
 from loraserve.engine.scheduler import ScheduledSeq
 from loraserve.lora.pool import DeviceLoRAPool
 from loraserve.lora.store import AdapterStore
@@ -40,7 +41,10 @@ class ModelRunner:
             self.pool = DeviceLoRAPool(mcfg, rows, cfg.dtype, self.device, apply)
             lora_layers = [self.pool.layer_weights(i) for i in range(mcfg.num_layers)]
         self.model = LlamaModel(mcfg, lora_layers, cfg.dtype, self.device, cfg.max_model_len + 1)
-        self.model.load_weights(iter_checkpoint(mcfg.path))
+        if cfg.load_format == "dummy":
+            init_dummy_weights(self.model, cfg.seed)
+        else:
+            self.model.load_weights(iter_checkpoint(mcfg.path))
         self.model.eval()
         self.block_size = cfg.cache.block_size
         self.num_blocks = cfg.cache.num_blocks or self._blocks_for(cfg.cache.kv_cache_memory)
@@ -50,6 +54,17 @@ class ModelRunner:
             for _ in range(mcfg.num_layers)
         ]
         self.attention, self.store_kv = select_attention_ops(self.device)
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not cfg.enforce_eager:
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_caches, self.attention, self.store_kv,
+                max_batch=cfg.scheduler.max_num_seqs,
+                max_blocks=-(-cfg.max_model_len // self.block_size),
+                block_size=self.block_size,
+                max_rank=cfg.lora.max_lora_rank if self.pool is not None else None,
+                device=self.device,
+            )
+            self.graphs.capture(cfg.max_model_len)
         logger.info(
             "model %s loaded: %d layers, %d KV blocks of %d tokens, LoRA pool %s",
             mcfg.name, mcfg.num_layers, self.num_blocks, self.block_size,
@@ -107,9 +122,13 @@ class ModelRunner:
                     segments.append((t0, len(ids), row, rank))
         dev = self.device
         max_blocks = max(len(item.seq.block_table) for item in batch)
-        tables = torch.zeros(len(batch), max_blocks, dtype=torch.int32)
-        for b, item in enumerate(batch):
-            tables[b, : len(item.seq.block_table)] = torch.tensor(item.seq.block_table, dtype=torch.int32)
+        tables = torch.tensor(
+            [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in batch],
+            dtype=torch.int32,
+        )
+        decode_only = len(ids) == len(batch) and all(item.samples for item in batch)
+        if self.graphs is not None and decode_only and self.graphs.padded_size(len(batch)):
+            return batch, self.graphs.run(ids, positions, slots, seq_lens, tables, segments)
         qstart = [0]
         for q in query_lens:
             qstart.append(qstart[-1] + q)
@@ -131,3 +150,20 @@ class ModelRunner:
             torch.tensor(logits_idx, dtype=torch.long).to(dev, non_blocking=True),
         )
         return batch, logits
+
+
+def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
+    """Random weights at the model's shapes (vLLM's ``load_format="dummy"``), for benchmarks.
+
+    Norm weights are 1 and projections ~ N(0, 1/in_features) so activations stay in range and the
+    kernels see realistic values; nothing is read from disk.
+    """
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)

@@ -42,7 +42,7 @@ def select_lora_apply(device: torch.device, pool_rows: int) -> LoRAApplyFn:
 def select_attention_ops(device: torch.device):
     """``(paged_attention, store_kv)`` for ``device``."""
     if _triton_enabled(device):
-        from loraserve.ops.triton_attention import paged_attention_triton
+        from loraserve.ops.triton_attention import paged_attention_triton, store_kv_triton
 
-        return paged_attention_triton, store_kv
+        return paged_attention_triton, store_kv_triton
     return paged_attention, store_kv

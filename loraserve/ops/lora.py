@@ -52,8 +52,12 @@ class LoRASegments:
 
     @property
     def empty(self) -> bool:
-        """True when no token of the step uses an adapter: LoRA layers then do no LoRA work."""
-        return not self.segments
+        """True when no token of the step uses an adapter: LoRA layers then do no LoRA work.
+
+        Metadata captured in a CUDA graph carries fixed-capacity segment tensors (padded with
+        zero-length segments) and is never empty, since the kernels must be recorded.
+        """
+        return not self.segments and self.seg_start is None
 
     @classmethod
     def build(

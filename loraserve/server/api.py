@@ -23,7 +23,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -112,7 +112,9 @@ def resolve_adapter_path(raw: str, roots: Sequence[str | Path]) -> Path:
     if not roots:
         raise ValueError("runtime adapter loading needs at least one --lora-root to load adapters from")
     if "://" in raw or _SCHEME.match(raw):
-        raise ValueError(f"adapter path {raw!r}: URLs are not accepted, give a local directory under a --lora-root")
+        raise ValueError(
+            f"adapter path {raw!r}: URLs are not accepted, give a local directory under a --lora-root"
+        )
     if "\x00" in raw:
         raise ValueError("adapter path contains a NUL byte")
     path = Path(raw)
@@ -186,6 +188,23 @@ class _Call:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
+class _SSEResponse(StreamingResponse):
+    """A streaming response that always closes its body iterator.
+
+    Starlette cancels the sending task when the client disconnects but leaves the body generator
+    suspended; closing it here runs its cleanup (aborting the engine requests) at once instead of
+    whenever the garbage collector gets to it.
+    """
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -235,7 +254,9 @@ class OpenAIServer:
         """Management routes: the admin key when one is set."""
         key = self.config.admin_api_key
         if key is not None and not self._matches(self._bearer(request), key):
-            raise APIError(401, "this route needs the admin API key (send 'Authorization: Bearer <admin key>')")
+            raise APIError(
+                401, "this route needs the admin API key (send 'Authorization: Bearer <admin key>')"
+            )
 
     # parsing ---------------------------------------------------------------------------------
     async def _read_json(self, request: Request) -> Any:
@@ -335,7 +356,9 @@ class OpenAIServer:
         if body.best_of is not None and body.best_of != body.n:
             raise APIError(400, "best_of must equal n (or be omitted)", "best_of")
         if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported (prompt logprobs are not computed)", "echo")
+            raise APIError(
+                400, "echo with logprobs is not supported (prompt logprobs are not computed)", "echo"
+            )
         self._check_limits(body.n, body.logprobs, "logprobs")
         prompts = self._completion_prompts(body.prompt)
         params = self._sampling(body, body.max_tokens, body.logprobs)
@@ -346,8 +369,16 @@ class OpenAIServer:
             jobs.append(_Job(f"{response_id}-{i}", text, ids, arrival))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         call = _Call(
-            "completion", response_id, body.model or self.model_name, adapter, params, jobs,
-            body.stream, include_usage, echo=body.echo, logprobs=body.logprobs,
+            "completion",
+            response_id,
+            body.model or self.model_name,
+            adapter,
+            params,
+            jobs,
+            body.stream,
+            include_usage,
+            echo=body.echo,
+            logprobs=body.logprobs,
         )
         return await self._serve(request, call)
 
@@ -394,8 +425,15 @@ class OpenAIServer:
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         call = _Call(
-            "chat", response_id, body.model or self.model_name, adapter, params,
-            [_Job(response_id, text, ids, arrival)], body.stream, include_usage, logprobs=logprobs,
+            "chat",
+            response_id,
+            body.model or self.model_name,
+            adapter,
+            params,
+            [_Job(response_id, text, ids, arrival)],
+            body.stream,
+            include_usage,
+            logprobs=logprobs,
         )
         return await self._serve(request, call)
 
@@ -416,8 +454,9 @@ class OpenAIServer:
             await outputs.aclose()
             self._finish_jobs(call, "error")
             raise self._api_error(e, call) from None
-        return StreamingResponse(
-            self._stream(call, first, outputs), media_type="text/event-stream",
+        return _SSEResponse(
+            self._stream(call, first, outputs),
+            media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
@@ -459,10 +498,12 @@ class OpenAIServer:
             # not spin if one returns empty body messages.
             await asyncio.sleep(0.05)
 
-    async def _outputs(self, call: _Call) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def _outputs(self, call: _Call) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """Outputs of all the call's jobs as ``(job index, output)``, interleaved as they come."""
         gens = [
-            self.engine.generate(job.request_id, job.prompt_ids, call.params, call.adapter, prompt=job.prompt_text)
+            self.engine.generate(
+                job.request_id, job.prompt_ids, call.params, call.adapter, prompt=job.prompt_text
+            )
             for job in call.jobs
         ]
         if len(gens) == 1:
@@ -499,7 +540,7 @@ class OpenAIServer:
             for t in tasks:
                 t.cancel()
 
-    async def _drain(self, outputs: AsyncIterator[tuple[int, RequestOutput]], call: _Call) -> None:
+    async def _drain(self, outputs: AsyncGenerator[tuple[int, RequestOutput], None], call: _Call) -> None:
         async for _ in outputs:
             pass
         self._finish_jobs(call, None)
@@ -524,8 +565,13 @@ class OpenAIServer:
                 finish = next((o.finish_reason for o in outs if o.finish_reason), "stop")
             ttft = job.first_token - job.arrival if job.first_token is not None else None
             self.metrics.request_finished(
-                label, finish, len(job.prompt_ids), sum(len(o.token_ids) for o in outs), ttft,
-                now - job.arrival, max((len(o.token_ids) for o in outs), default=0),
+                label,
+                finish,
+                len(job.prompt_ids),
+                sum(len(o.token_ids) for o in outs),
+                ttft,
+                now - job.arrival,
+                max((len(o.token_ids) for o in outs), default=0),
             )
 
     def _usage(self, call: _Call) -> dict[str, int]:
@@ -584,21 +630,29 @@ class OpenAIServer:
                 lps = o.logprobs if call.logprobs is not None and o.logprobs is not None else None
                 if call.kind == "completion":
                     text = (self._prompt_text(job) + o.text) if call.echo else o.text
-                    choices.append({
-                        "index": i * n + o.index,
-                        "text": text,
-                        "logprobs": self._completion_logprobs(o.token_ids, lps, _ChoiceState()) if lps is not None else None,
-                        "finish_reason": o.finish_reason,
-                        "stop_reason": o.stop_reason,
-                    })
+                    choices.append(
+                        {
+                            "index": i * n + o.index,
+                            "text": text,
+                            "logprobs": self._completion_logprobs(o.token_ids, lps, _ChoiceState())
+                            if lps is not None
+                            else None,
+                            "finish_reason": o.finish_reason,
+                            "stop_reason": o.stop_reason,
+                        }
+                    )
                 else:
-                    choices.append({
-                        "index": o.index,
-                        "message": {"role": "assistant", "content": o.text},
-                        "logprobs": self._chat_logprobs(o.token_ids, lps, call.logprobs or 0) if lps is not None else None,
-                        "finish_reason": o.finish_reason,
-                        "stop_reason": o.stop_reason,
-                    })
+                    choices.append(
+                        {
+                            "index": o.index,
+                            "message": {"role": "assistant", "content": o.text},
+                            "logprobs": self._chat_logprobs(o.token_ids, lps, call.logprobs or 0)
+                            if lps is not None
+                            else None,
+                            "finish_reason": o.finish_reason,
+                            "stop_reason": o.stop_reason,
+                        }
+                    )
         return {
             "id": call.response_id,
             "object": "text_completion" if call.kind == "completion" else "chat.completion",
@@ -615,7 +669,10 @@ class OpenAIServer:
 
     # streaming -------------------------------------------------------------------------------
     async def _stream(
-        self, call: _Call, first: tuple[int, RequestOutput], outputs: AsyncIterator[tuple[int, RequestOutput]]
+        self,
+        call: _Call,
+        first: tuple[int, RequestOutput],
+        outputs: AsyncGenerator[tuple[int, RequestOutput], None],
     ) -> AsyncIterator[str]:
         states: dict[tuple[int, int], _ChoiceState] = {}
         base = {
@@ -653,7 +710,9 @@ class OpenAIServer:
             self._finish_jobs(call, outcome)
         yield "data: [DONE]\n\n"
 
-    def _stream_choice(self, call: _Call, job_index: int, o: CompletionOutput, st: _ChoiceState) -> dict | None:
+    def _stream_choice(
+        self, call: _Call, job_index: int, o: CompletionOutput, st: _ChoiceState
+    ) -> dict | None:
         """The chunk's choice for one cumulative output, or None when there is nothing new to send."""
         if st.done:
             return None
@@ -683,7 +742,9 @@ class OpenAIServer:
         return {
             "index": o.index,
             "delta": {"content": delta} if delta or not finished else {},
-            "logprobs": self._chat_logprobs(new_ids, new_lps, call.logprobs or 0) if new_lps is not None else None,
+            "logprobs": self._chat_logprobs(new_ids, new_lps, call.logprobs or 0)
+            if new_lps is not None
+            else None,
             "finish_reason": o.finish_reason,
             "stop_reason": o.stop_reason,
         }
@@ -761,7 +822,9 @@ class OpenAIServer:
     async def load_adapter(self, request: Request) -> dict[str, Any]:
         """``POST /v1/load_lora_adapter``: register an adapter from a directory under a lora root."""
         if not self.config.allow_runtime_lora:
-            raise APIError(403, "runtime adapter loading is disabled; start the server with --allow-runtime-lora")
+            raise APIError(
+                403, "runtime adapter loading is disabled; start the server with --allow-runtime-lora"
+            )
         body = await self._parse(request, LoadLoRAAdapterRequest)
         name = body.lora_name
         if name == self.model_name:
@@ -781,13 +844,19 @@ class OpenAIServer:
         except AdapterError as e:
             raise APIError(400, str(e), "lora_path") from None
         logger.info("loaded adapter %s from %s", name, path)
-        return {"status": "ok", "message": f"Success: LoRA adapter '{name}' added successfully.", "adapter": info}
+        return {
+            "status": "ok",
+            "message": f"Success: LoRA adapter '{name}' added successfully.",
+            "adapter": info,
+        }
 
     async def unload_adapter(self, request: Request) -> dict[str, Any]:
         """``POST /v1/unload_lora_adapter``: requests in flight finish, new ones get 404. The answer's
         ``in_flight`` counts the sequences still running on the adapter."""
         if not self.config.allow_runtime_lora:
-            raise APIError(403, "runtime adapter loading is disabled; start the server with --allow-runtime-lora")
+            raise APIError(
+                403, "runtime adapter loading is disabled; start the server with --allow-runtime-lora"
+            )
         body = await self._parse(request, UnloadLoRAAdapterRequest)
         name = body.lora_name
 
@@ -834,7 +903,8 @@ def create_app(llm: LLM, config: ServerConfig | None = None, **overrides: Any) -
     """The FastAPI app serving ``llm``. ``overrides`` replace fields of ``config``.
 
     The engine thread starts with the app's lifespan (or on the first request) and stops with it;
-    ``app.state.server`` is the :class:`OpenAIServer` (its ``engine`` and ``metrics``).
+    from then on it owns ``llm.engine``: do not call ``llm.generate`` meanwhile. ``app.state.server``
+    is the :class:`OpenAIServer` (its ``engine`` and ``metrics``).
     """
     cfg = replace(config or ServerConfig(), **overrides)
     server = OpenAIServer(llm, cfg)
@@ -845,9 +915,14 @@ def create_app(llm: LLM, config: ServerConfig | None = None, **overrides: Any) -
         yield
         server.engine.shutdown()
 
+    # The interactive docs are plain Starlette routes that the API-key dependency does not cover.
+    docs = {} if cfg.api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(
-        title="loraserve", version=__version__, lifespan=lifespan,
+        title="loraserve",
+        version=__version__,
+        lifespan=lifespan,
         dependencies=[Depends(server.check_api_key)],
+        **docs,
     )
     app.state.server = server
     admin = [Depends(server.check_admin_key)]

@@ -123,24 +123,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_engine_args(srv)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--served-model-name", default=None, help="the base model's id in the API (default: its directory name)")
     srv.add_argument(
-        "--api-key", default=os.environ.get("LORASERVE_API_KEY"),
+        "--served-model-name",
+        default=None,
+        help="the base model's id in the API (default: its directory name)",
+    )
+    srv.add_argument(
+        "--api-key",
+        default=os.environ.get("LORASERVE_API_KEY"),
         help="required as 'Authorization: Bearer KEY' on every route (default: $LORASERVE_API_KEY)",
     )
     srv.add_argument(
-        "--admin-api-key", default=os.environ.get("LORASERVE_ADMIN_API_KEY"),
+        "--admin-api-key",
+        default=os.environ.get("LORASERVE_ADMIN_API_KEY"),
         help="required on the adapter management routes (default: $LORASERVE_ADMIN_API_KEY)",
     )
     srv.add_argument(
-        "--allow-runtime-lora", action="store_true",
+        "--allow-runtime-lora",
+        action="store_true",
         help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter",
     )
     srv.add_argument(
-        "--lora-root", action="append", default=[], metavar="DIR",
+        "--lora-root",
+        action="append",
+        default=[],
+        metavar="DIR",
         help="directory runtime adapter paths must resolve under (repeatable)",
     )
-    srv.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024, help="larger request bodies get 413")
+    srv.add_argument(
+        "--max-request-bytes", type=int, default=8 * 1024 * 1024, help="larger request bodies get 413"
+    )
     srv.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)

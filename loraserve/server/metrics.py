@@ -18,7 +18,25 @@ from prometheus_client.registry import Collector
 
 from loraserve.engine.engine import LLMEngine
 
-TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+TTFT_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -89,10 +107,13 @@ class _EngineCounters(Collector):
         if snap is None:
             return
         yield CounterMetricFamily(
-            "loraserve_adapter_loads", "Adapters written into the device pool", value=snap.adapter_device_loads
+            "loraserve_adapter_loads",
+            "Adapters written into the device pool",
+            value=snap.adapter_device_loads,
         )
         yield CounterMetricFamily(
-            "loraserve_adapter_disk_reads", "Adapters re-read from disk (not in host memory)",
+            "loraserve_adapter_disk_reads",
+            "Adapters re-read from disk (not in host memory)",
             value=snap.adapter_disk_loads,
         )
         evictions = CounterMetricFamily(
@@ -102,7 +123,9 @@ class _EngineCounters(Collector):
         evictions.add_metric(["cpu"], snap.adapter_host_evictions)
         yield evictions
         yield CounterMetricFamily(
-            "loraserve_num_preemptions", "Sequences preempted for lack of KV blocks", value=snap.num_preemptions
+            "loraserve_num_preemptions",
+            "Sequences preempted for lack of KV blocks",
+            value=snap.num_preemptions,
         )
         yield CounterMetricFamily(
             "loraserve_engine_step_failures",
@@ -120,28 +143,43 @@ class ServerMetrics:
         self.requests = Counter(
             "loraserve_requests", "Finished requests", ["adapter", "finish_reason"], registry=r
         )
-        self.prompt_tokens = Counter("loraserve_prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r)
+        self.prompt_tokens = Counter(
+            "loraserve_prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r
+        )
         self.generation_tokens = Counter(
             "loraserve_generation_tokens", "Tokens generated", ["adapter"], registry=r
         )
         self.ttft = Histogram(
-            "loraserve_time_to_first_token_seconds", "Time from arrival to the first generated token",
-            ["adapter"], buckets=TTFT_BUCKETS, registry=r,
+            "loraserve_time_to_first_token_seconds",
+            "Time from arrival to the first generated token",
+            ["adapter"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
         )
         self.tpot = Histogram(
-            "loraserve_time_per_output_token_seconds", "Mean time between generated tokens of a request",
-            ["adapter"], buckets=TPOT_BUCKETS, registry=r,
+            "loraserve_time_per_output_token_seconds",
+            "Mean time between generated tokens of a request",
+            ["adapter"],
+            buckets=TPOT_BUCKETS,
+            registry=r,
         )
         self.e2e = Histogram(
-            "loraserve_e2e_request_latency_seconds", "Time from arrival to the last token",
-            ["adapter"], buckets=E2E_BUCKETS, registry=r,
+            "loraserve_e2e_request_latency_seconds",
+            "Time from arrival to the last token",
+            ["adapter"],
+            buckets=E2E_BUCKETS,
+            registry=r,
         )
         self.adapter_load_seconds = Histogram(
-            "loraserve_adapter_load_seconds", "Time to make an adapter resident on the device",
-            buckets=LOAD_BUCKETS, registry=r,
+            "loraserve_adapter_load_seconds",
+            "Time to make an adapter resident on the device",
+            buckets=LOAD_BUCKETS,
+            registry=r,
         )
         self.adapters_resident = Gauge(
-            "loraserve_adapters_resident", "Registered adapters by the fastest tier holding them", ["tier"],
+            "loraserve_adapters_resident",
+            "Registered adapters by the fastest tier holding them",
+            ["tier"],
             registry=r,
         )
         self.kv_usage = Gauge("loraserve_kv_cache_usage_ratio", "Fraction of KV blocks in use", registry=r)

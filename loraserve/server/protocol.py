@@ -17,7 +17,8 @@ from loraserve.sampling import SamplingParams
 
 class _Body(BaseModel):
     # Clients send fields we do not use (``user``, ``metadata``, ``store``...); OpenAI accepts them.
-    model_config = ConfigDict(extra="ignore")
+    # NaN and infinity pass range checks or break sampling, so they are refused outright.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -34,7 +35,8 @@ class _SamplingRequest(_Body):
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # The engine seeds a torch.Generator with seed + i (i < n): keep it within int64.
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1024)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -108,7 +110,9 @@ class ChatMessage(_Body):
         parts = []
         for part in self.content:
             if part.type != "text" or part.text is None:
-                raise ValueError(f"messages: content parts of type {part.type!r} are not supported (text only)")
+                raise ValueError(
+                    f"messages: content parts of type {part.type!r} are not supported (text only)"
+                )
             parts.append(part.text)
         return "".join(parts)
 

@@ -241,12 +241,12 @@ class LLM:
         out = []
         for p in items:
             if isinstance(p, str):
-                out.append((p, self._encode(p)))
+                out.append((p, self.encode(p)))
             elif isinstance(p, dict):
                 if "prompt_token_ids" in p:
                     out.append((p.get("prompt"), [int(t) for t in p["prompt_token_ids"]]))
                 elif "prompt" in p:
-                    out.append((p["prompt"], self._encode(p["prompt"])))
+                    out.append((p["prompt"], self.encode(p["prompt"])))
                 else:
                     raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
             elif isinstance(p, list) and all(isinstance(t, int) for t in p):
@@ -255,7 +255,8 @@ class LLM:
                 raise ValueError(f"unsupported prompt type {type(p).__name__}")
         return out
 
-    def _encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` as generate() encodes a string prompt (with the tokenizer's special tokens)."""
         return self.tokenizer.encode(text, add_special_tokens=True)
 
     @staticmethod

@@ -32,6 +32,7 @@ from tests.reference import peft_greedy
 
 RANKS = (4, 8, 12, 16, 24, 32, 48, 64)
 WAIT_BOUND = 4  # adapter_wait_bound_steps: small, so that reservations actually happen
+RATE = 24.0  # arrivals per step: more than the device rows serve serve, so a queue builds and adapters compete
 
 
 def write_adapter(
@@ -81,6 +82,16 @@ def write_adapter(
     return out
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tiny model's ops are far below threading's break-even, and the reader threads want a
+    core: one intra-op thread is several times faster here (and immune to a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("many") / "base", seed=5)
@@ -117,7 +128,7 @@ def engine_config(model: ModelConfig, *, max_loras: int, max_cpu_loras: int, **l
         cache=CacheConfig(block_size=4, num_blocks=1024),
         lora=LoRAConfig(max_loras=max_loras, max_lora_rank=64, max_cpu_loras=max_cpu_loras, **lora),  # type: ignore[arg-type]
         scheduler=SchedulerConfig(
-            max_num_seqs=32, max_num_batched_tokens=256, max_model_len=128, adapter_wait_bound_steps=WAIT_BOUND
+            max_num_seqs=64, max_num_batched_tokens=512, max_model_len=128, adapter_wait_bound_steps=WAIT_BOUND
         ),
     )
 
@@ -171,6 +182,8 @@ class Observed:
     max_waited: int = 0
     reservations: int = 0
     max_reservation_steps: int = 0
+    max_queue_steps: int = 0  # arrival to admission, in steps (queueing included)
+    counters: dict[str, object] = field(default_factory=dict)
 
 
 def serve_stream(fl: Fleet, reqs: list[Req], *, pinned: list[int], host_bytes: int, rate: float) -> Observed:
@@ -185,15 +198,20 @@ def serve_stream(fl: Fleet, reqs: list[Req], *, pinned: list[int], host_bytes: i
     by_id = {r.rid: r for r in reqs}
     pending = list(reqs)
     holder = None  # (seq, step it took the reservation, the most steps a running sequence still needed)
+    arrived: dict[object, int] = {}
     while pending or eng.has_unfinished():
         for _ in range(min(len(pending), _poisson(rng, rate))):
             r = pending.pop(0)
             params = SamplingParams(temperature=0, max_tokens=r.max_new, ignore_eos=True)
             eng.add_request(r.rid, r.prompt, params, entries[r.adapter] if r.adapter is not None else None)
+            arrived[sched.waiting[-1]] = obs.steps
         for o in eng.step():
             if o.finished:
                 by_id[o.request_id].tokens = o.outputs[0].token_ids
         obs.steps += 1
+        for seq in sched.running:
+            if seq in arrived:
+                obs.max_queue_steps = max(obs.max_queue_steps, obs.steps - arrived.pop(seq))
         # Tier bounds, pins, and the wait bound, after every step.
         assert store.pool.used_rows <= store.pool.total_rows
         assert len(store.host) <= cfg.lora.max_cpu_loras and store.host_bytes <= host_bytes
@@ -216,6 +234,7 @@ def serve_stream(fl: Fleet, reqs: list[Req], *, pinned: list[int], host_bytes: i
             d = max((_remaining_steps(s) for s in sched.running), default=0)
             holder = (sched.reserved, obs.steps, d)
             obs.reservations += 1
+    obs.counters = eng.lora_stats()["counters"]
     return obs
 
 
@@ -244,7 +263,7 @@ def run_scenario(base: Path, n_adapters: int, n_requests: int) -> Observed:
     mean_bytes = sum(fl.ranks) / len(fl.ranks) * _row_bytes(fl.model)
     host_bytes = int(48 * mean_bytes)
     t0 = time.perf_counter()
-    obs = serve_stream(fl, reqs, pinned=pinned, host_bytes=host_bytes, rate=6.0)
+    obs = serve_stream(fl, reqs, pinned=pinned, host_bytes=host_bytes, rate=RATE)
     served = time.perf_counter() - t0
     alone = serve_alone(fl, reqs)
     wrong = [r.rid for r in reqs if r.tokens != alone[r.rid]]

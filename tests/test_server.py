@@ -602,12 +602,14 @@ def test_64_concurrent_streams_over_8_adapters(served: Served, ref: LLM) -> None
 # engine failures ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fragile(env: Env) -> Iterator[Served]:
-    """A server whose adapter 'victim' is only on disk (host cache of one) and whose files are gone."""
+    """A server whose adapter 'victim' is only on disk (host cache of one) and whose files are gone;
+    unregistered names are looked up in the lora root (resolver directory)."""
     victim = env.root / "victim"
     shutil.copytree(env.adapters["a0"], victim)
     llm = LLM(
         env.base,
         loras={"victim": str(victim), "a1": str(env.adapters["a1"])},
+        lora_resolver_dirs=(str(env.lora_root),),
         **{**LLM_KW, "max_cpu_loras": 1},
     )
     (victim / "adapter_model.safetensors").unlink()
@@ -644,7 +646,26 @@ def test_engine_error_fails_only_that_request(fragile: Served, ref: LLM) -> None
     )
     fragile.wait_idle()
     assert fragile.engine_call(lambda e: e.blocks.num_free == e.blocks.num_blocks)
-    assert metric(fragile.get("/metrics").text, "loraserve_engine_step_failures_total") >= 2
+    text = fragile.get("/metrics").text
+    assert metric(text, "loraserve_engine_step_failures_total") >= 2
+    assert metric(text, "loraserve_adapter_load_errors_total") >= 2
+    assert metric(text, "loraserve_requests_total", adapter="victim", finish_reason="error") == 2
+
+
+def test_resolver_directory_serves_unregistered_names(fragile: Served, ref: LLM) -> None:
+    client = fragile.client()
+    r = client.completions.create(model="rt", prompt="resolved", max_tokens=6, temperature=0)
+    assert (
+        r.choices[0].text
+        == ref.generate("resolved", greedy(6), lora_request="rt", use_tqdm=False)[0].outputs[0].text
+    )
+    assert "rt" in [m.id for m in client.models.list().data]
+    for name in ("escape", "nope", "../outside/ext", str(fragile.server.llm.engine.cfg.model.path)):
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model=name, prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="too_big", prompt="x", max_tokens=2)
+    assert e.value.body["param"] == "model" and "too_big" in e.value.body["message"]
 
 
 def test_forward_failure_fails_the_batch_and_serving_continues(

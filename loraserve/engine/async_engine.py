@@ -156,22 +156,26 @@ class AsyncEngine:
         params: SamplingParams,
         adapter: AdapterEntry | str | None = None,
         prompt: str | None = None,
+        stream: bool = True,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Add a request and yield its outputs until one is ``finished``.
 
-        ``adapter``: None for the base model, an entry, or the name of a registered adapter (looked
-        up on the engine thread, by name only: never loaded from a path). Outputs are cumulative,
+        ``adapter``: None for the base model, an entry, or the name of an adapter (looked up on the
+        engine thread among the registered ones, then in ``lora_resolver_dirs``; a name is never
+        taken as a path). Outputs are cumulative,
         so when the consumer falls behind, intermediate ones are skipped. Raises what
         ``add_request`` raises (ValueError, :class:`AdapterNotFound`), :class:`RequestFailed` when
         a step fails the request, :class:`EngineDeadError` when the engine stops. Closing or
         cancelling the iterator early aborts the request, freeing its KV blocks and adapter.
+        ``stream=False`` yields only the finished output (the engine then skips per-token
+        detokenization).
         """
         loop = asyncio.get_running_loop()
         stream = _Stream(loop)
 
         def add(engine: LLMEngine) -> None:
             entry = self._lookup_adapter(engine, adapter)
-            engine.add_request(request_id, prompt_ids, params, entry, prompt=prompt)
+            engine.add_request(request_id, prompt_ids, params, entry, prompt=prompt, stream=stream)
             self._streams[request_id] = stream
 
         try:
@@ -204,7 +208,8 @@ class AsyncEngine:
     def _lookup_adapter(engine: LLMEngine, adapter: AdapterEntry | str | None) -> AdapterEntry | None:
         if adapter is None or isinstance(adapter, AdapterEntry):
             return adapter
-        entry = engine.store.by_name.get(adapter) if engine.store is not None else None
+        # Registered names, or names the operator's resolver directories hold; never a path.
+        entry = engine.store.resolve(adapter) if engine.store is not None else None
         if entry is None:
             raise AdapterNotFound(f"no adapter named {adapter!r} is registered")
         return entry
@@ -299,9 +304,9 @@ class AsyncEngine:
 
         * Sequences admitted by the failed step before it raised hold KV blocks and adapter
           references but never reached the running list (their state cannot be resumed).
-        * An :class:`AdapterError` is raised while admitting a sequence whose adapter had to be
-          re-read from disk and no longer loads (files deleted or changed): no forward ran, so the
-          requests of that adapter fail and the running ones are innocent.
+        * An :class:`AdapterError` is raised by scheduling when a queued adapter's read failed
+          (files deleted or changed), before anything runs: the requests of that adapter fail and
+          the running ones are innocent.
         * Anything else (the forward pass, sampling) failed the running batch.
 
         When nothing can be pinned down, every request fails: retrying a step that keeps
@@ -319,16 +324,13 @@ class AsyncEngine:
         return ids or set(self.engine.requests)
 
     def _broken_adapters(self, exc: AdapterError) -> set[AdapterEntry]:
-        """Adapters of live requests that are on the disk tier and named by ``exc``'s message (the
-        store's errors all say ``adapter 'NAME'``)."""
-        store = self.engine.store
-        if store is None:
-            return set()
+        """Adapters of live requests named by ``exc``'s message (the store's load errors all say
+        ``adapter 'NAME'``)."""
         message = str(exc)
         entries = {
             s.adapter for req in self.engine.requests.values() for s in req.seqs if s.adapter is not None
         }
-        return {e for e in entries if f"adapter {e.name!r}" in message and e.tier(store) == "disk"}
+        return {e for e in entries if f"adapter {e.name!r}" in message}
 
     def _drain_commands(self, exc: BaseException) -> None:
         while True:

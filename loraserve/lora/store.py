@@ -419,6 +419,8 @@ class AdapterStore:
             loader.submit(entry, entry.path, entry.name)
             if loader.workers == 0:
                 self.poll()  # the read already ran: cache it before sizing the next one
+                if entry in self.host and pos <= device_upto:
+                    self._start_device_load(entry, self.host[entry], pos)
             else:
                 reading_count += 1
                 reading_bytes += entry.packed_nbytes

@@ -153,8 +153,10 @@ class _Job:
     recorded: bool = False
 
     def observe(self, out: RequestOutput) -> None:
-        if self.first_token is None and any(o.token_ids for o in out.outputs):
-            self.first_token = time.monotonic()
+        # The engine stamps the first token with time.monotonic(), the clock of ``arrival``;
+        # non-streaming requests are only reported once finished, so observation time won't do.
+        if self.first_token is None:
+            self.first_token = out.metrics.get("first_token")
         self.last = out
         if out.finished:
             self.final = out
@@ -213,6 +215,8 @@ class OpenAIServer:
     """Request handling for one ``LLM``; :func:`create_app` wires it into FastAPI."""
 
     def __init__(self, llm: LLM, config: ServerConfig) -> None:
+        if llm.tokenizer is None:
+            raise ValueError("the server needs the model's tokenizer (do not use skip_tokenizer_init)")
         self.llm = llm
         self.config = config
         self.tokenizer = llm.tokenizer
@@ -291,13 +295,14 @@ class OpenAIServer:
     def _resolve_model(self, name: str | None) -> str | None:
         """None for the base model, else the adapter name; 404 for unknown models.
 
-        Reading the registry from the event loop is a benign race: the engine thread checks the
-        name again when the request is added (and answers 404 if it was unloaded in between).
+        Reading the registry from the event loop is a benign race: the engine thread looks the
+        name up again when the request is added (and answers 404 if it was unloaded in between).
+        With resolver directories configured, an unregistered name is left to that lookup.
         """
         if name is None or name == self.model_name:
             return None
         store = self.llm.engine.store
-        if store is not None and name in store.by_name:
+        if store is not None and (name in store.by_name or store.resolver):
             return name
         raise APIError(404, f"The model `{name}` does not exist.", "model")
 
@@ -469,6 +474,8 @@ class OpenAIServer:
             return APIError(503, str(e))
         if isinstance(e, RequestFailed):
             return APIError(500, str(e))
+        if isinstance(e, AdapterError):  # a resolver directory's adapter that does not load
+            return APIError(400, str(e), "model")
         if isinstance(e, ValueError):
             return APIError(400, str(e), "prompt" if call.kind == "completion" else "messages")
         logger.exception("request %s failed", call.response_id, exc_info=e)
@@ -502,7 +509,7 @@ class OpenAIServer:
         """Outputs of all the call's jobs as ``(job index, output)``, interleaved as they come."""
         gens = [
             self.engine.generate(
-                job.request_id, job.prompt_ids, call.params, call.adapter, prompt=job.prompt_text
+                job.request_id, job.prompt_ids, call.params, call.adapter, job.prompt_text, call.stream
             )
             for job in call.jobs
         ]

@@ -71,7 +71,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.raw:
             outs = llm.generate(args.prompt, params, lora_request=args.adapter, use_tqdm=False)
         else:
-            outs = llm.chat([{"role": "user", "content": args.prompt}], params, lora_request=args.adapter, use_tqdm=False)
+            outs = llm.chat(
+                [{"role": "user", "content": args.prompt}], params, lora_request=args.adapter, use_tqdm=False
+            )
     except (AdapterError, AdapterNotFound) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -89,7 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).warning(
             "--allow-runtime-lora without --lora-root: every runtime load will be refused"
         )
-    llm = build_llm(args, lora_roots=tuple(args.lora_root))
+    llm = build_llm(args, lora_roots=tuple(args.lora_root), lora_resolver_dirs=tuple(args.lora_resolver_dir))
     config = ServerConfig(
         served_model_name=args.served_model_name,
         api_key=args.api_key,
@@ -104,14 +106,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="loraserve", description="Serve one base model with many LoRA adapters.")
+    parser = argparse.ArgumentParser(
+        prog="loraserve", description="Serve one base model with many LoRA adapters."
+    )
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate one completion and print it")
     add_engine_args(gen)
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--adapter", default=None, help="registered adapter name or adapter directory (default: base)")
+    gen.add_argument(
+        "--adapter", default=None, help="registered adapter name or adapter directory (default: base)"
+    )
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -151,12 +157,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="directory runtime adapter paths must resolve under (repeatable)",
     )
     srv.add_argument(
+        "--lora-resolver-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="serve unregistered adapter names found as DIR/NAME, registered on first use (repeatable)",
+    )
+    srv.add_argument(
         "--max-request-bytes", type=int, default=8 * 1024 * 1024, help="larger request bodies get 413"
     )
     srv.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     return args.func(args)
 
 

@@ -57,6 +57,7 @@ class EngineSnapshot:
     adapter_disk_loads: int = 0
     adapter_device_evictions: int = 0
     adapter_host_evictions: int = 0
+    adapter_load_errors: int = 0
     adapter_load_seconds: tuple[float, ...] = ()
 
     @property
@@ -82,6 +83,7 @@ class EngineSnapshot:
                 adapter_disk_loads=st.loads_from_disk,
                 adapter_device_evictions=st.device_evictions,
                 adapter_host_evictions=st.host_evictions,
+                adapter_load_errors=st.load_errors,
                 adapter_load_seconds=tuple(st.load_seconds[load_seconds_seen:]),
             )
         return cls(
@@ -122,6 +124,11 @@ class _EngineCounters(Collector):
         evictions.add_metric(["device"], snap.adapter_device_evictions)
         evictions.add_metric(["cpu"], snap.adapter_host_evictions)
         yield evictions
+        yield CounterMetricFamily(
+            "loraserve_adapter_load_errors",
+            "Adapter reads that failed (their requests failed)",
+            value=snap.adapter_load_errors,
+        )
         yield CounterMetricFamily(
             "loraserve_num_preemptions",
             "Sequences preempted for lack of KV blocks",

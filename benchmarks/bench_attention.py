@@ -218,8 +218,8 @@ def measure(w: Workload, copy_gbps: float, args: argparse.Namespace) -> dict[str
     }
     kv_heads = w.k_caches[0].shape[2]
     if w.kind == "decode":
-        row["config"] = decode_config(w.q.dtype).__dict__
-        row["num_splits"] = decode_num_splits(w.batch, kv_heads, w.ctx, w.q.device)
+        row["config"] = decode_config(w.q.dtype, w.q.shape[1] // kv_heads).__dict__
+        row["num_splits"] = decode_num_splits(w.batch, kv_heads, w.ctx, w.q.device, w.q.shape[1] // kv_heads)
     else:
         row["config"] = general_config(w.q.shape[1] // kv_heads, w.q_len, w.q.dtype).__dict__
     return row

@@ -77,9 +77,10 @@ class DecodeGraphs:
         from loraserve.ops.triton_attention import decode_num_splits
 
         kv_heads = self.kv_caches[0][0].shape[2]
+        group = self.model.cfg.num_heads // kv_heads
         variants = [False, True] if self.max_rank else [False]
         for size in reversed(self.sizes):
-            splits = decode_num_splits(size, kv_heads, max_model_len, self.device)
+            splits = decode_num_splits(size, kv_heads, max_model_len, self.device, group)
             attention = functools.partial(self.attention, num_splits=splits)
             for with_lora in variants:
                 ctx = self._context(size, with_lora, attention)

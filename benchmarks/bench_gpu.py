@@ -56,8 +56,8 @@ def random_adapter(name: str, rank: int, seed: int, shapes: dict[str, tuple[int,
     for layer in range(layers):
         for m in LORA_MODULES:
             fin, fout = shapes[m]
-            a = (torch.randn(rank, fin, device="cuda", generator=gen) * fin**-0.5).bfloat16().float().cpu()
-            b = (torch.randn(fout, rank, device="cuda", generator=gen) * 0.02).bfloat16().float().cpu()
+            a = (torch.randn(rank, fin, device="cuda", generator=gen) * fin**-0.5).bfloat16().float()
+            b = (torch.randn(fout, rank, device="cuda", generator=gen) * 0.02).bfloat16().float()
             modules[(layer, m)] = LoRAModuleWeights(a=a, b=b, scale=2.0)
     return LoRAWeights(name=name, path=f"<bench:{name}>", rank=rank, modules=modules,
                        content_hash=f"bench-{seed}-{rank}")
@@ -144,7 +144,7 @@ def main() -> None:
                      "num_requests": args.num_requests, "input_tokens": sum(map(len, prompts)),
                      "output_tokens": sum(out_lens), "configs": {}}
     common = dict(device="cuda", dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True,
-                  max_num_seqs=256, max_num_batched_tokens=8192, kv_cache_memory=int(60e9), max_model_len=2048)
+                  max_num_seqs=256, max_num_batched_tokens=8192, kv_cache_memory=int(80e9), max_model_len=2048)
     bw = copy_bandwidth()
     results["copy_bandwidth_GBs"] = bw / 1e9
 
@@ -166,7 +166,7 @@ def main() -> None:
 
     lora_cfgs = [c for c in args.configs if c in ("b", "c", "d", "e")]
     if lora_cfgs:
-        llm = LLM(str(root), enable_lora=True, max_loras=args.num_adapters, max_lora_rank=64, **common)
+        llm = LLM(str(root), enable_lora=True, max_loras=64, max_lora_rank=64, max_cpu_loras=1024, **common)
         mcfg = llm.engine.cfg.model
         shapes, layers = mcfg.lora_shapes(), mcfg.num_layers
         t0 = time.perf_counter()

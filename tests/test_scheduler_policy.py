@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from loraserve.config import LoRAConfig, ModelConfig, SchedulerConfig
-from loraserve.core import Sequence, SeqStatus
+from loraserve.core import SeqStatus, Sequence
 from loraserve.engine.scheduler import Scheduler
 from loraserve.kvcache.block_manager import BlockManager
 from loraserve.lora.adapter import AdapterError
@@ -70,12 +70,12 @@ def step(sched: Scheduler) -> list[Sequence]:
     """One scheduling step and a fake forward; returns the sequences admitted by this step."""
     before = set(sched.running)
     out = sched.schedule()
+    sampling = [item.seq for item in out if item.samples]  # decided before the step advances them
     sched.on_step_done(out)
-    for item in out:
-        if item.samples:
-            item.seq.token_ids.append(7)
-            if item.seq.num_output >= item.seq.params.max_tokens:
-                sched.finish(item.seq)
+    for s in sampling:
+        s.token_ids.append(7)
+        if s.num_output >= s.params.max_tokens:
+            sched.finish(s)
     return [item.seq for item in out if item.seq not in before]
 
 
@@ -129,7 +129,8 @@ def test_resident_adapters_batch_ahead_instead_of_thrashing(model, root):
 def test_overtaking_bound_and_reservation(model, root):
     """Two hot adapters fill the device and keep getting requests; a cold rank-16 adapter needs all
     16 rows. It is overtaken at most B times, then takes the reservation and is admitted within
-    D + 1 steps, D being the longest remaining work of what was running."""
+    D steps, D being the longest remaining work of what was running (``d`` is measured after the
+    reservation step, so D = d + 1)."""
     bound = 3
     sched, store = build(model, rows=16, bound=bound)
     h1 = store.register("h1", adapter_dir(root, model, "h1", 8))
@@ -167,6 +168,9 @@ def test_without_the_bound_the_cold_adapter_starves(model, root):
     h1 = store.register("h1", adapter_dir(root, model, "h1", 8))
     h2 = store.register("h2", adapter_dir(root, model, "h2", 8))
     cold = store.register("c16", adapter_dir(root, model, "c16", 16))
+    for h in (h1, h2):
+        sched.add(seq(h, max_tokens=3))
+    step(sched)
     victim = seq(cold)
     sched.add(victim)
     for _ in range(30):

@@ -239,7 +239,9 @@ def test_stats_report_bytes_per_tier(model, adapters):
 
 def test_memory_budget_split(model):
     budget = 4 << 20
-    base = EngineConfig(model=model, cache=CacheConfig(kv_cache_memory=budget), lora=LoRAConfig(max_lora_rank=16))
+    base = EngineConfig(
+        model=model, cache=CacheConfig(kv_cache_memory=budget), lora=LoRAConfig(max_lora_rank=16)
+    )
     assert apply_memory_budget(base) is base
     cfg = apply_memory_budget(
         EngineConfig(
@@ -258,3 +260,21 @@ def test_memory_budget_split(model):
                 model=model, cache=CacheConfig(num_blocks=64), lora=LoRAConfig(adapter_memory_fraction=0.5)
             )
         )
+
+
+@pytest.mark.gpu
+def test_cuda_copies_run_on_a_side_stream_and_steps_wait_only_for_theirs(model, adapters):
+    pool = DeviceLoRAPool(model, 32, torch.float32, "cuda", lora_apply)
+    store = AdapterStore(model, LoRAConfig(max_lora_rank=16, prefetch_workers=1), pool, torch.float32)
+    a, b = store.register("a0", adapters["a0"]), store.register("a1", adapters["a1"])
+    assert store.host[a].a["qkv"].is_pinned()
+    assert store.make_resident(a, NOT_NEEDED) and store.make_resident(b, NOT_NEEDED)
+    assert set(store._copies) <= {a, b}
+    store.prepare_step([a])  # the compute stream now waits for a's copy, not b's
+    row = store.row(a)
+    got = pool.a["qkv"][:, row : row + 8].cpu()  # runs on the compute stream, after the wait
+    assert torch.equal(got, store.host[a].a["qkv"])
+    torch.cuda.synchronize()
+    store.poll()
+    assert not store._copies
+    store.close()

@@ -32,12 +32,14 @@ sequence queued behind it is admitted; its ``waited_steps`` counts those rounds.
 (a) No sequence is overtaken in more than B rounds: the first sequence in the queue that has been
     overtaken B times and is still not ready takes the *reservation*, and while it holds it
     nothing else is admitted (the device load is attempted for it alone).
-(b) The reservation holder is admitted within D + 1 steps of taking the reservation, where D is
-    the largest number of steps any then-running sequence still needs (its unprefilled prompt
-    chunks plus the tokens it may still generate, at most ``max_tokens``): nothing new starts,
-    so by then every unpinned adapter is unused and evictable, the KV cache and the batch seats
-    are free, and pins always leave ``max_lora_rank`` rows (enforced by the store). This assumes
-    every running sequence is scheduled each step (``max_num_batched_tokens >= max_num_seqs``).
+(b) The reservation holder is admitted at the latest D steps after the step that gave it the
+    reservation, where D is the largest number of steps (that one included) any sequence running
+    in it still needs: its unprefilled prompt chunks plus the tokens it may still generate, at
+    most ``max_tokens``. Nothing new starts, so by then every unpinned adapter is unused and
+    evictable, the KV cache and the batch seats are free, and pins always leave
+    ``max_lora_rank`` rows (enforced by the store); its host copy is safe, being the most urgent.
+    This assumes every running sequence is scheduled each step (``max_num_batched_tokens >=
+    max_num_seqs``) and its adapter is in host memory (true when it takes the reservation).
 (c) Disk reads are issued in queue order, so a sequence's adapter reaches host memory after the
     reads of the adapters queued before it (within ``lookahead``) have been issued; that part is
     I/O time, not a scheduling decision, and does not count toward B.

@@ -66,12 +66,15 @@ def pack_adapter(weights: LoRAWeights, cfg: ModelConfig, dtype: torch.dtype) -> 
     """
     r = weights.rank
     num_layers = cfg.num_layers
+    # Packed where the weights are (a caller holding them on a GPU packs at device speed); the
+    # result always lives on the host, which is the tier it is cached in.
+    where = next(iter(weights.modules.values())).a.device if weights.modules else torch.device("cpu")
     a_out: dict[str, torch.Tensor] = {}
     b_out: dict[str, list[torch.Tensor]] = {}
     for kind, (in_f, outs) in kind_shapes(cfg).items():
         mods = LORA_LAYER_SLICES[kind]
-        a = torch.zeros(num_layers, r, len(mods), in_f, dtype=torch.float32)
-        bs = [torch.zeros(num_layers, r, o, dtype=torch.float32) for o in outs]
+        a = torch.zeros(num_layers, r, len(mods), in_f, dtype=torch.float32, device=where)
+        bs = [torch.zeros(num_layers, r, o, dtype=torch.float32, device=where) for o in outs]
         for (layer, name), w in weights.modules.items():
             if name not in mods:
                 continue
@@ -79,8 +82,8 @@ def pack_adapter(weights: LoRAWeights, cfg: ModelConfig, dtype: torch.dtype) -> 
             rank = w.a.shape[0]
             a[layer, :rank, s] = w.a
             bs[s][layer, :rank] = (w.b * w.scale).T
-        a_out[kind] = a.to(dtype)
-        b_out[kind] = [b.to(dtype) for b in bs]
+        a_out[kind] = a.to("cpu", dtype)
+        b_out[kind] = [b.to("cpu", dtype) for b in bs]
     return PackedAdapter(r, a_out, b_out)
 
 

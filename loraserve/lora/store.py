@@ -103,6 +103,8 @@ class AdapterEntry:
     from_disk: bool = False
     # When a queued request first needed it off the device (for the load-latency histogram).
     wanted_since: float | None = None
+    # Registered from tensors (no directory to re-read): its host copy is never dropped.
+    memory_only: bool = False
 
     def tier(self, store: AdapterStore) -> str:
         """The fastest tier holding it: ``"gpu"`` (``"device"`` off CUDA), ``"cpu"`` or ``"disk"``."""
@@ -278,6 +280,34 @@ class AdapterStore:
             except BaseException:
                 self.remove(name)
                 raise
+        return entry
+
+    def register_weights(self, name: str, weights: LoRAWeights, pinned: bool = False) -> AdapterEntry:
+        """Register an adapter given as tensors (built in memory, not read from a PEFT directory).
+
+        ``weights`` must already be valid for this model (as :func:`load_adapter` returns them);
+        its ``content_hash`` is its identity. Its host copy is kept for as long as it is registered,
+        since there is no file to read it back from.
+        """
+        if weights.rank > self.cfg.max_lora_rank:
+            raise AdapterError(f"adapter {name!r}: rank {weights.rank} exceeds max_lora_rank={self.cfg.max_lora_rank}")
+        packed = pack_adapter(weights, self.model_cfg, self.dtype)
+        if self.cuda:
+            packed = packed.pin_memory()
+        entry = AdapterEntry(
+            name=name, path=weights.path, content_hash=weights.content_hash, rank=weights.rank,
+            nbytes=weights.nbytes, int_id=self._next_id, packed_nbytes=packed.nbytes,
+            target_modules=weights.target_modules, memory_only=True,
+        )
+        self._next_id += 1
+        old = self.by_name.get(name)
+        if old is not None:
+            self._retire(old)
+        self.by_name[name] = entry
+        self.host[entry] = packed
+        self.host_bytes += packed.nbytes
+        if pinned:
+            self.set_pinned(name, True)
         return entry
 
     def resolve(self, name: str) -> AdapterEntry | None:
@@ -636,7 +666,7 @@ class AdapterStore:
             return []
         # Stable sort on the LRU order: furthest next use first, least recently used among equals.
         candidates = sorted(
-            (e for e in self.host if self._host_next_use(e) >= priority),
+            (e for e in self.host if self._host_next_use(e) >= priority and not e.memory_only),
             key=lambda e: -self._host_next_use(e),
         )
         chosen: list[AdapterEntry] = []

@@ -109,8 +109,9 @@ def shrink_config(
     split_k = 1
     while programs * split_k < 2 * num_sms and in_features >= 4 * split_k * block_k and split_k < 16:
         split_k *= 2
-    # 64-row tiles use wgmma; 8 warps keep the 64 x 128 fp32 accumulator from spilling.
-    return ShrinkConfig(block_m, block_n, block_k, split_k, num_warps=8 if block_m == 64 else 4)
+    # 64-row tiles use wgmma; 8 warps keep the 64 x 128 fp32 accumulator from spilling. Four
+    # pipeline stages won in the H200 sweep for every shape (benchmarks/results/lora_sweep.json).
+    return ShrinkConfig(block_m, block_n, block_k, split_k, num_warps=8 if block_m == 64 else 4, num_stages=4)
 
 
 @functools.lru_cache(maxsize=256)

@@ -22,6 +22,7 @@ Deterministic for a given seed (and thread count). Takes a few minutes on 2 CPU 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import re
@@ -262,15 +263,23 @@ def train_adapter(
     target = out_dir / style.name
     if target.exists():
         shutil.rmtree(target)
-    # Name the base by its loraserve name, not this machine's cache path.
-    model.peft_config["default"].base_model_name_or_path = DEFAULT_MODEL_NAME
     model.save_pretrained(target)
+    # Name the base by its loraserve name, not this machine's cache path. Patched after saving:
+    # set before, it makes peft look the name up on the Hub.
+    cfg_path = target / "adapter_config.json"
+    adapter_cfg = json.loads(cfg_path.read_text())
+    adapter_cfg["base_model_name_or_path"] = DEFAULT_MODEL_NAME
+    # peft stores target_modules from a set, whose order changes from run to run.
+    adapter_cfg["target_modules"] = sorted(adapter_cfg["target_modules"])
+    cfg_path.write_text(json.dumps(adapter_cfg, indent=2, sort_keys=True) + "\n")
     (target / "README.md").write_text(
-        f"# {style.name}: demo LoRA adapter for {DEFAULT_MODEL_NAME}\n\n"
+        f"# {style.name}: demo LoRA adapter for {DEFAULT_MODEL_NAME}\n"
         f"Style adapter that {style.description}; rank 8 on q/k/v/o/gate/up/down, alpha 16, "
         f"trained for {steps} steps (seed {seed}) on {len(pairs)} of the base model's own answers.\n"
         "Made by `scripts/train_demo_adapters.py` in the loraserve repository.\n"
     )
+    for f in target.iterdir():
+        f.chmod(0o644)  # safetensors writes 0600; these are files to share
     logger.info("[%s] saved to %s in %.1f s", style.name, target, time.monotonic() - start)
     return target
 
@@ -305,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--styles", nargs="+", default=[s.name for s in STYLES], choices=[s.name for s in STYLES]
     )
+    parser.add_argument("--demo-tokens", type=int, default=128, help="length cap for the held-out demo")
     parser.add_argument("--no-check", action="store_true", help="skip the held-out demo generation")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -339,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in styles
     ]
     if not args.no_check:
-        show_heldout(base_dir, tokenizer, dirs, args.max_new_tokens)
+        show_heldout(base_dir, tokenizer, dirs, args.demo_tokens)
     return 0
 
 

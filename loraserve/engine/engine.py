@@ -338,5 +338,5 @@ class LLMEngine:
             num_tokens=sum(item.num_tokens for item in scheduled),
             num_seqs=len(scheduled),
             num_adapters=len(adapters),
-            adapter_bytes=sum(a.nbytes for a in adapters),
+            adapter_bytes=sum(a.packed_nbytes or a.nbytes for a in adapters),
         )

@@ -25,7 +25,7 @@ from loraserve.config import EngineConfig, ModelConfig
 from loraserve.lora.adapter import LoRAWeights
 from loraserve.model.layers import LoRALayerWeights
 from loraserve.model.llama import LORA_LAYER_SLICES
-from loraserve.ops.lora import LoRAApplyFn
+from loraserve.ops.lora import LoRAApplyFn, lora_apply_dense
 
 
 def kind_shapes(cfg: ModelConfig) -> dict[str, tuple[int, list[int]]]:
@@ -154,12 +154,22 @@ class DeviceLoRAPool:
         self.device = torch.device(device)
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, list[torch.Tensor]] = {}
+        # The dense CPU op adds all slices with one matmul against a block-diagonal B; the per-slice
+        # tensors are then views of it, so writes and compaction need no second copy.
+        self.dense = apply is lora_apply_dense
+        self._b_dense: dict[str, torch.Tensor] = {}
         for kind, (in_f, outs) in kind_shapes(cfg).items():
             slices = len(LORA_LAYER_SLICES[kind])
             self.a[kind] = torch.zeros(cfg.num_layers, total_rows, slices, in_f, dtype=dtype, device=device)
-            self.b[kind] = [
-                torch.zeros(cfg.num_layers, total_rows, o, dtype=dtype, device=device) for o in outs
-            ]
+            if self.dense:
+                full = torch.zeros(cfg.num_layers, total_rows, slices, sum(outs), dtype=dtype, device=device)
+                offs = [sum(outs[:s]) for s in range(slices)]
+                self._b_dense[kind] = full
+                self.b[kind] = [full[:, :, s, offs[s] : offs[s] + o] for s, o in enumerate(outs)]
+            else:
+                self.b[kind] = [
+                    torch.zeros(cfg.num_layers, total_rows, o, dtype=dtype, device=device) for o in outs
+                ]
         self.num_layers = cfg.num_layers
         self.apply = apply
         self.row_bytes = row_bytes(cfg, dtype)
@@ -169,16 +179,24 @@ class DeviceLoRAPool:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.a.values()) + sum(
-            t.numel() * t.element_size() for bs in self.b.values() for t in bs
-        )
+        b_tensors = list(self._b_dense.values()) or [t for bs in self.b.values() for t in bs]
+        return sum(t.numel() * t.element_size() for t in [*self.a.values(), *b_tensors])
 
     def layer_weights(self, layer: int) -> dict[str, LoRALayerWeights]:
-        """Views of one layer's rows, handed to that layer's LoRA linears at construction."""
-        return {
-            kind: LoRALayerWeights(self.a[kind][layer], [b[layer] for b in self.b[kind]], self.apply)
-            for kind in self.a
-        }
+        """Views of one layer's rows, handed to that layer's LoRA linears at construction.
+
+        For the dense op, ``b`` is the one block-diagonal ``[R * S, sum out_s]`` matrix (see
+        :func:`~loraserve.ops.lora.lora_apply_dense`); otherwise the ``S`` per-slice tensors.
+        """
+        out = {}
+        for kind, a in self.a.items():
+            if self.dense:
+                full = self._b_dense[kind][layer]
+                b = [full.view(full.shape[0] * full.shape[1], full.shape[2])]
+            else:
+                b = [t[layer] for t in self.b[kind]]
+            out[kind] = LoRALayerWeights(a[layer], b, self.apply)
+        return out
 
     @property
     def used_rows(self) -> int:

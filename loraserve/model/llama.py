@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraserve.config import ModelConfig, ModelLoadError
-from loraserve.model.layers import LoRALayerWeights, LoRALinear, RMSNorm, RotaryEmbedding
+from loraserve.model.layers import LoRALayerWeights, LoRALinear, RMSNorm, RotaryEmbedding, apply_rotary
 from loraserve.ops.attention import AttentionMeta
 from loraserve.ops.lora import LoRASegments
 
@@ -51,15 +51,13 @@ class Attention(nn.Module):
             cfg.q_size, [cfg.hidden_size], lora=lora and lora.get("o"), dtype=dtype, device=device
         )
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, ctx: ForwardContext
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
         qkv = self.qkv_proj(x, ctx.lora)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
-        k = qkv[:, q_size : q_size + kv_size].view(-1, self.num_kv_heads, self.head_dim)
+        heads = self.num_heads + self.num_kv_heads
+        qk = apply_rotary(qkv[:, : q_size + kv_size].view(-1, heads, self.head_dim), *rope)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, q_size + kv_size :].view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
         k_cache, v_cache = ctx.kv_caches[self.layer]
         ctx.store_kv(k, v, k_cache, v_cache, ctx.attn.slot_mapping)
         out = ctx.attention(q, k_cache, v_cache, ctx.attn, self.scale)
@@ -91,8 +89,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
-    def forward(self, x, positions, rotary, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, ctx)
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, ctx)
         return x + self.mlp(self.post_attention_layernorm(x), ctx.lora)
 
 
@@ -128,8 +126,9 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """``input_ids``, ``positions``: ``[T]``; returns float32 logits ``[len(logits_indices), vocab]``."""
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.tables(positions)
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, ctx)
+            x = layer(x, rope, ctx)
         x = self.norm(x[logits_indices])
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()

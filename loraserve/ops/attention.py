@@ -121,18 +121,44 @@ def paged_attention(
     num_tokens, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
     bsz, qmax = views["q_index"].shape
-    q_pad = torch.cat([q, q.new_zeros(1, heads, dim)])[views["q_index"]]  # [B, Q, H, D]
+    decode = qmax == 1 and num_tokens == bsz  # token b is sequence b's query: no padding to do
+    q_pad = q.unsqueeze(1) if decode else torch.cat([q, q.new_zeros(1, heads, dim)])[views["q_index"]]
     keys = k_cache[views["key_blocks"]].flatten(1, 2)  # [B, K, KVH, D]
     values = v_cache[views["key_blocks"]].flatten(1, 2)
-    out = F.scaled_dot_product_attention(
-        q_pad.transpose(1, 2),
-        keys.transpose(1, 2).to(q.dtype),
-        values.transpose(1, 2).to(q.dtype),
-        attn_mask=views["mask"],
-        scale=scale,
-        enable_gqa=heads != kv_heads,
-    )  # [B, H, Q, D]
-    out = out.transpose(1, 2)
+    if q.dtype == torch.float32:
+        out = F.scaled_dot_product_attention(
+            q_pad.transpose(1, 2),
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            attn_mask=views["mask"],
+            scale=scale,
+            enable_gqa=heads != kv_heads,
+        ).transpose(1, 2)  # [B, Q, H, D]
+    else:
+        out = _grouped_attention_fp32(q_pad, keys, values, views["mask"], scale)
+    if decode:
+        return out.reshape(num_tokens, heads, dim)
     result = q.new_empty(num_tokens + 1, heads, dim)
     result[views["q_index"].flatten()] = out.reshape(bsz * qmax, heads, dim)
     return result[:num_tokens]
+
+
+def _grouped_attention_fp32(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Masked attention in float32 with each KV head's query group stacked as rows of one matmul.
+
+    ``q`` ``[B, Q, H, D]``, ``keys``/``values`` ``[B, K, KVH, D]``, ``mask`` ``[B, 1, Q, K]`` ->
+    ``[B, Q, H, D]`` in ``q``'s dtype. CPUs without native bf16/fp16 matmul run SDPA on half
+    types several times slower than this (measured 4-5x on the CI machine), so half-precision
+    CPU engines take this path; float32 engines keep SDPA.
+    """
+    bsz, qlen, heads, dim = q.shape
+    kv_heads = keys.shape[2]
+    group = heads // kv_heads
+    qg = q.float().view(bsz, qlen, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(bsz, kv_heads, group * qlen, dim)
+    scores = (qg @ keys.float().permute(0, 2, 3, 1)) * scale  # [B, KVH, G*Q, K]
+    rows_mask = mask.expand(bsz, 1, qlen, mask.shape[-1]).repeat(1, 1, group, 1)  # row g*Q + i -> query i
+    scores = scores.masked_fill(~rows_mask, float("-inf"))
+    out = scores.softmax(-1) @ values.float().transpose(1, 2)  # [B, KVH, G*Q, D]
+    return out.view(bsz, kv_heads, group, qlen, dim).permute(0, 3, 1, 2, 4).reshape(bsz, qlen, heads, dim).to(q.dtype)

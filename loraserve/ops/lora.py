@@ -51,6 +51,11 @@ class LoRASegments:
         return (self.segments[0][0], self.segments[-1][1]) if self.segments else (0, 0)
 
     @property
+    def rows_hi(self) -> int:
+        """One past the highest pool row any segment reads (the pool keeps used rows packed low)."""
+        return max((row + rank for _, _, row, rank in self.segments), default=0)
+
+    @property
     def empty(self) -> bool:
         """True when no token of the step uses an adapter: LoRA layers then do no LoRA work.
 
@@ -140,21 +145,23 @@ def lora_apply_dense(
 ) -> None:
     """Same result as :func:`lora_apply`, computed against the whole (small) pool at once.
 
-    ``t = (x @ a_all^T) * mask`` then ``y_s += t_s @ b_s``: two matmuls per slice whatever the number
-    of segments, so a CPU step with many adapters costs a fixed handful of ops per layer instead of
-    a Python loop over segments. Worth it only when the pool is small (CPU engines hold a few
-    adapters on the "device" tier); the work grows with ``R``, not with the ranks in use.
+    ``b`` here is ONE block-diagonal matrix ``[R * S, sum_s out_s]`` whose row ``r * S + s`` holds
+    row ``r`` of slice ``s`` in that slice's column range (zeros elsewhere), as the pool lays it out
+    for this op. Then ``t = (x @ a_all^T) * mask`` and ``y += t @ b``: three ops per layer whatever
+    the number of segments or slices, so a CPU step with many adapters costs a fixed handful of ops
+    per layer instead of a Python loop over segments. Worth it only when the pool is small (CPU
+    engines hold a few adapters on the "device" tier); the work grows with ``R``, not with the
+    ranks in use. Only the token span holding segments is computed (base tokens sit after it).
     """
     if meta.empty:
         return
-    rows, num_slices, _ = a.shape
+    num_slices = a.shape[1]
+    rows = meta.rows_hi  # rows past every segment's end hold no adapter of this step: skip them
     lo, hi = meta.span
     mask = meta.dense_mask(rows, x.dtype, x.device)[lo:hi]
-    t = (x[lo:hi] @ a.view(rows * num_slices, -1).T).view(-1, rows, num_slices)
-    t = t * mask.unsqueeze(-1)
-    offsets = _slice_offsets(b)
-    for s, b_s in enumerate(b):
-        y[lo:hi, offsets[s] : offsets[s + 1]] += t[:, :, s] @ b_s
+    t = x[lo:hi] @ a[:rows].reshape(rows * num_slices, -1).T
+    t.view(-1, rows, num_slices).mul_(mask.unsqueeze(-1))
+    y[lo:hi].addmm_(t, b[0][: rows * num_slices])
 
 
 def _slice_offsets(b: Sequence[torch.Tensor]) -> list[int]:

@@ -23,8 +23,11 @@ from loraserve import LLM, SamplingParams
 from loraserve.model.default_model import ensure_default_model
 from loraserve.testing import make_peft_adapter
 
-ADAPTERS = {"r8": dict(r=8, lora_alpha=16, seed=1), "r16": dict(r=16, lora_alpha=16, seed=2),
-            "r8qv": dict(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=3)}
+ADAPTERS = {
+    "r8": dict(r=8, lora_alpha=16, seed=1),
+    "r16": dict(r=16, lora_alpha=16, seed=2),
+    "r8qv": dict(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=3),
+}
 
 
 def prompts_for(batch: int, length: int, seed: int) -> list[list[int]]:
@@ -40,7 +43,9 @@ def mix_for(batch: int) -> list[str | None]:
 def time_loraserve(llm: LLM, prompts, loras, new_tokens: int) -> float:
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     start = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=loras, use_tqdm=False)
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], params, lora_request=loras, use_tqdm=False
+    )
     elapsed = time.perf_counter() - start
     assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
     return len(prompts) * new_tokens / elapsed
@@ -52,8 +57,13 @@ def time_hf(model, prompts, new_tokens: int, adapter_names=None) -> float:
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False, pad_token_id=0, **kwargs,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            **kwargs,
         )
     elapsed = time.perf_counter() - start
     assert out.shape[1] - ids.shape[1] == new_tokens
@@ -77,8 +87,15 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
     paths = {name: make_peft_adapter(base_dir, tmp / name, **spec) for name, spec in ADAPTERS.items()}
 
-    llm = LLM(str(base_dir), device="cpu", dtype=args.dtype, max_loras=4, max_lora_rank=16,
-              loras={k: str(v) for k, v in paths.items()}, max_num_seqs=max(args.batches))
+    llm = LLM(
+        str(base_dir),
+        device="cpu",
+        dtype=args.dtype,
+        max_loras=4,
+        max_lora_rank=16,
+        loras={k: str(v) for k, v in paths.items()},
+        max_num_seqs=max(args.batches),
+    )
     hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval()
     peft_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype), str(paths["r8"]), adapter_name="r8"
@@ -102,16 +119,31 @@ def main() -> None:
         r["lora_row_cost"] = r["loraserve_base"] / r["loraserve_lora_only"]
         rows.append(r)
 
-    cols = ["batch", "loraserve_base", "loraserve_mixed", "loraserve_lora_only", "transformers_base", "peft_mixed",
-            "speedup_vs_peft_mixed", "lora_row_cost"]
-    print(f"# default model (SmolLM2-135M-Instruct), {args.dtype}, prompt {args.prompt_len}, "
-          f"{args.new_tokens} forced new tokens, output tokens/s")
+    cols = [
+        "batch",
+        "loraserve_base",
+        "loraserve_mixed",
+        "loraserve_lora_only",
+        "transformers_base",
+        "peft_mixed",
+        "speedup_vs_peft_mixed",
+        "lora_row_cost",
+    ]
+    print(
+        f"# default model (SmolLM2-135M-Instruct), {args.dtype}, prompt {args.prompt_len}, "
+        f"{args.new_tokens} forced new tokens, output tokens/s"
+    )
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
+    meta = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "args": vars(args),
+    }
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
 

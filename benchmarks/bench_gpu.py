@@ -33,10 +33,21 @@ from loraserve import LLM, SamplingParams  # noqa: E402
 from loraserve.lora.adapter import LORA_MODULES, LoRAModuleWeights, LoRAWeights  # noqa: E402
 
 LLAMA2_7B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
-    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-    "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "bfloat16",
 }
 
 
@@ -49,7 +60,9 @@ def workload(n: int) -> tuple[list[list[int]], list[int]]:
     return prompts[:n], [int(x) for x in out_lens[:n]]
 
 
-def random_adapter(name: str, rank: int, seed: int, shapes: dict[str, tuple[int, int]], layers: int) -> LoRAWeights:
+def random_adapter(
+    name: str, rank: int, seed: int, shapes: dict[str, tuple[int, int]], layers: int
+) -> LoRAWeights:
     """A rank-``rank`` adapter on all seven projections, random (bf16-representable) weights, alpha = 2r."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     modules = {}
@@ -59,8 +72,9 @@ def random_adapter(name: str, rank: int, seed: int, shapes: dict[str, tuple[int,
             a = (torch.randn(rank, fin, device="cuda", generator=gen) * fin**-0.5).bfloat16().float()
             b = (torch.randn(fout, rank, device="cuda", generator=gen) * 0.02).bfloat16().float()
             modules[(layer, m)] = LoRAModuleWeights(a=a, b=b, scale=2.0)
-    return LoRAWeights(name=name, path=f"<bench:{name}>", rank=rank, modules=modules,
-                       content_hash=f"bench-{seed}-{rank}")
+    return LoRAWeights(
+        name=name, path=f"<bench:{name}>", rank=rank, modules=modules, content_hash=f"bench-{seed}-{rank}"
+    )
 
 
 def warm_up(llm: LLM, prompts, loras) -> None:
@@ -85,14 +99,19 @@ def run_engine(llm: LLM, prompts, out_lens, loras) -> dict:
         t0 = time.perf_counter()
         outs = engine.step()
         st = engine.last_step
-        steps.append((st.num_seqs, st.num_adapters, st.adapter_bytes, time.perf_counter() - t0, st.num_tokens))
+        steps.append(
+            (st.num_seqs, st.num_adapters, st.adapter_bytes, time.perf_counter() - t0, st.num_tokens)
+        )
         done += sum(1 for o in outs if o.finished)
     elapsed = time.perf_counter() - start
     out_tokens = sum(out_lens)
     decode = [s for s in steps if s[4] == s[0]]
     return {
-        "seconds": elapsed, "output_tokens": out_tokens, "output_tok_s": out_tokens / elapsed,
-        "steps": len(steps), "decode_steps": len(decode),
+        "seconds": elapsed,
+        "output_tokens": out_tokens,
+        "output_tok_s": out_tokens / elapsed,
+        "steps": len(steps),
+        "decode_steps": len(decode),
         "mean_distinct_adapters_per_step": statistics.mean(s[1] for s in steps) if steps else 0,
         "max_distinct_adapters_per_step": max((s[1] for s in steps), default=0),
         "mean_adapter_bytes_per_step": statistics.mean(s[2] for s in steps) if steps else 0,
@@ -105,9 +124,13 @@ def decode_step_times(llm: LLM, batch: int, ctx: int, loras) -> float:
     engine = llm.engine
     rng = np.random.default_rng(1)
     for i in range(batch):
-        engine.add_request(f"d{batch}-{i}", rng.integers(100, 31000, size=ctx).tolist(),
-                           SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
-                           engine.resolve_lora(loras[i % len(loras)]), stream=False)
+        engine.add_request(
+            f"d{batch}-{i}",
+            rng.integers(100, 31000, size=ctx).tolist(),
+            SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+            engine.resolve_lora(loras[i % len(loras)]),
+            stream=False,
+        )
     times = []
     while engine.has_unfinished():
         torch.cuda.synchronize()
@@ -146,11 +169,24 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-7b-"))
     (root / "config.json").write_text(json.dumps(LLAMA2_7B))
     prompts, out_lens = workload(args.num_requests)
-    results: dict = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-                     "num_requests": args.num_requests, "input_tokens": sum(map(len, prompts)),
-                     "output_tokens": sum(out_lens), "configs": {}}
-    common = dict(device="cuda", dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True,
-                  max_num_seqs=256, max_num_batched_tokens=8192, kv_cache_memory=int(80e9), max_model_len=2048)
+    results: dict = {
+        "gpu": torch.cuda.get_device_name(),
+        "date": time.strftime("%Y-%m-%d"),
+        "num_requests": args.num_requests,
+        "input_tokens": sum(map(len, prompts)),
+        "output_tokens": sum(out_lens),
+        "configs": {},
+    }
+    common = dict(
+        device="cuda",
+        dtype="bfloat16",
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        max_num_seqs=256,
+        max_num_batched_tokens=8192,
+        kv_cache_memory=int(80e9),
+        max_model_len=2048,
+    )
     bw = copy_bandwidth()
     results["copy_bandwidth_GBs"] = bw / 1e9
 
@@ -158,9 +194,12 @@ def main() -> None:
         results["configs"][name] = r
         base = results["configs"].get("a", {}).get("output_tok_s")
         ratio = f"{r['output_tok_s'] / base:.3f}" if base else "-"
-        print(f"{name:6s} {r['output_tok_s']:10.1f} tok/s  ratio {ratio}  steps {r.get('steps', '-')}  "
-              f"adapters/step {r.get('mean_distinct_adapters_per_step', 0):.1f}  "
-              f"adapter MB/step {r.get('mean_adapter_bytes_per_step', 0) / 1e6:.0f}", flush=True)
+        print(
+            f"{name:6s} {r['output_tok_s']:10.1f} tok/s  ratio {ratio}  steps {r.get('steps', '-')}  "
+            f"adapters/step {r.get('mean_distinct_adapters_per_step', 0):.1f}  "
+            f"adapter MB/step {r.get('mean_adapter_bytes_per_step', 0) / 1e6:.0f}",
+            flush=True,
+        )
 
     if "a" in args.configs:
         llm = LLM(str(root), enable_lora=False, **common)
@@ -182,18 +221,24 @@ def main() -> None:
             llm.engine.store.register_weights(f"d{i}", random_adapter(f"d{i}", 16, 1000 + i, shapes, layers))
             if "e" in args.configs:
                 r = ranks[i % 4]
-                llm.engine.store.register_weights(f"e{i}", random_adapter(f"e{i}", r, 5000 + i, shapes, layers))
+                llm.engine.store.register_weights(
+                    f"e{i}", random_adapter(f"e{i}", r, 5000 + i, shapes, layers)
+                )
         results["adapter_setup_seconds"] = time.perf_counter() - t0
         n = len(prompts)
-        plans = {"b": [None] * n, "c": ["d0"] * n,
-                 "d": [f"d{i % args.num_adapters}" for i in range(n)],
-                 "e": [f"e{i % args.num_adapters}" for i in range(n)]}
+        plans = {
+            "b": [None] * n,
+            "c": ["d0"] * n,
+            "d": [f"d{i % args.num_adapters}" for i in range(n)],
+            "e": [f"e{i % args.num_adapters}" for i in range(n)],
+        }
         for c in lora_cfgs:
             warm_up(llm, prompts, plans[c])
             record(c, run_engine(llm, prompts, out_lens, plans[c]))
         if "floor" in args.configs:
             results["decode_step_d"] = {
-                b: decode_step_times(llm, b, 512, [f"d{i}" for i in range(args.num_adapters)]) for b in (1, 64, 256)
+                b: decode_step_times(llm, b, 512, [f"d{i}" for i in range(args.num_adapters)])
+                for b in (1, 64, 256)
             }
         del llm
         torch.cuda.empty_cache()
@@ -210,8 +255,11 @@ def main() -> None:
         for cfg in ("a", "d"):
             for b, t in results.get(f"decode_step_{cfg}", {}).items():
                 fl = floor[b][f"{cfg}_floor_s"]
-                print(f"decode step ({cfg}) batch {b}: {t * 1e3:.2f} ms, floor {fl * 1e3:.2f} ms, "
-                      f"{fl / t:.0%} of floor", flush=True)
+                print(
+                    f"decode step ({cfg}) batch {b}: {t * 1e3:.2f} ms, floor {fl * 1e3:.2f} ms, "
+                    f"{fl / t:.0%} of floor",
+                    flush=True,
+                )
 
     if "peft" in args.configs:
         results["configs"]["peft"] = run_peft(args, prompts, out_lens)
@@ -226,7 +274,9 @@ def run_peft(args, prompts, out_lens) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**{k: v for k, v in LLAMA2_7B.items() if k not in ("architectures", "model_type", "torch_dtype")})
+    cfg = LlamaConfig(
+        **{k: v for k, v in LLAMA2_7B.items() if k not in ("architectures", "model_type", "torch_dtype")}
+    )
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     lcfg = LoraConfig(r=16, lora_alpha=32, target_modules=list(LORA_MODULES), lora_dropout=0.0)
@@ -248,17 +298,29 @@ def run_peft(args, prompts, out_lens) -> dict:
         ids = torch.zeros(len(ps), width, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for j, p in enumerate(ps):  # left padding
-            ids[j, width - len(p):] = torch.tensor(p)
-            mask[j, width - len(p):] = 1
+            ids[j, width - len(p) :] = torch.tensor(p)
+            mask[j, width - len(p) :] = 1
         new = max(os_)
         with torch.no_grad():
-            model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=new, min_new_tokens=new,
-                           do_sample=False, pad_token_id=0,
-                           adapter_names=[f"p{(s + j) % args.peft_adapters}" for j in range(len(ps))])
+            model.generate(
+                input_ids=ids.cuda(),
+                attention_mask=mask.cuda(),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+                adapter_names=[f"p{(s + j) % args.peft_adapters}" for j in range(len(ps))],
+            )
         total_tokens += sum(os_)  # tokens the requests asked for; peft runs each batch to its longest
     elapsed = time.perf_counter() - start
-    return {"seconds": elapsed, "output_tokens": total_tokens, "output_tok_s": total_tokens / elapsed,
-            "requests": n, "adapters": args.peft_adapters, "batch": batch}
+    return {
+        "seconds": elapsed,
+        "output_tokens": total_tokens,
+        "output_tok_s": total_tokens / elapsed,
+        "requests": n,
+        "adapters": args.peft_adapters,
+        "batch": batch,
+    }
 
 
 if __name__ == "__main__":

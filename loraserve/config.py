@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,15 +65,18 @@ class ModelConfig:
         eos = _as_tuple(raw.get("eos_token_id"))
         gen_path = root / "generation_config.json"
         if gen_path.is_file():
-            try:
-                eos = tuple(dict.fromkeys(eos + _as_tuple(json.loads(gen_path.read_text()).get("eos_token_id"))))
-            except json.JSONDecodeError:
-                pass
+            with contextlib.suppress(json.JSONDecodeError):
+                eos = tuple(
+                    dict.fromkeys(eos + _as_tuple(json.loads(gen_path.read_text()).get("eos_token_id")))
+                )
         rope_scaling = raw.get("rope_scaling") or raw.get("rope_parameters")
         rope_theta = raw.get("rope_theta")
         if rope_theta is None and isinstance(rope_scaling, dict):
             rope_theta = rope_scaling.get("rope_theta")
-        if isinstance(rope_scaling, dict) and rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):
+        if isinstance(rope_scaling, dict) and rope_scaling.get("rope_type", rope_scaling.get("type")) in (
+            None,
+            "default",
+        ):
             rope_scaling = None
         return cls(
             path=str(root.resolve()),
@@ -198,9 +202,14 @@ def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     table = {
-        "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-        "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
     }
     if dtype not in table:
         raise ValueError(f"dtype must be one of {sorted(table)} or 'auto', got {dtype!r}")

@@ -100,17 +100,26 @@ class LLM:
             dtype=parse_dtype(dtype, device),
             device=device,
             cache=CacheConfig(
-                block_size=block_size, num_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
+                block_size=block_size,
+                num_blocks=num_kv_blocks,
+                kv_cache_memory=kv_cache_memory,
                 enable_prefix_caching=enable_prefix_caching,
             ),
             lora=LoRAConfig(
-                enabled=enable_lora, max_loras=max_loras, max_lora_rank=max_lora_rank,
-                max_cpu_loras=max_cpu_loras, lora_roots=tuple(lora_roots),
-                max_cpu_lora_bytes=max_cpu_lora_bytes, lora_resolver_dirs=tuple(lora_resolver_dirs),
-                adapter_memory_fraction=adapter_memory_fraction, prefetch_workers=prefetch_workers,
+                enabled=enable_lora,
+                max_loras=max_loras,
+                max_lora_rank=max_lora_rank,
+                max_cpu_loras=max_cpu_loras,
+                lora_roots=tuple(lora_roots),
+                max_cpu_lora_bytes=max_cpu_lora_bytes,
+                lora_resolver_dirs=tuple(lora_resolver_dirs),
+                adapter_memory_fraction=adapter_memory_fraction,
+                prefetch_workers=prefetch_workers,
             ),
             scheduler=SchedulerConfig(
-                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_model_len=max_model_len,
             ),
             seed=seed,
             load_format=load_format,
@@ -125,7 +134,11 @@ class LLM:
 
     # adapters -------------------------------------------------------------------------------
     def add_lora(
-        self, lora: LoRARequest | str, path: str | Path | None = None, pinned: bool = False, lazy: bool = False
+        self,
+        lora: LoRARequest | str,
+        path: str | Path | None = None,
+        pinned: bool = False,
+        lazy: bool = False,
     ) -> AdapterEntry:
         """Register an adapter: ``add_lora(LoRARequest(...))`` or ``add_lora(name, path)``.
 
@@ -205,13 +218,16 @@ class LLM:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [
-            {"prompt": self.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)} for conv in convs
+            {"prompt": self.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)}
+            for conv in convs
         ]
         return self.generate(prompts, sampling_params, lora_request, use_tqdm=use_tqdm)
 
     def apply_chat_template(self, messages: Seq[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model's tokenizer has no chat template; use generate() with a plain prompt")
+            raise ValueError(
+                "this model's tokenizer has no chat template; use generate() with a plain prompt"
+            )
         return self.tokenizer.apply_chat_template(
             list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
         )

@@ -66,9 +66,18 @@ def qwen2(tiny_root) -> dict[str, Path]:
 def llama3_sharded(tiny_root) -> dict[str, Path]:
     """Llama with llama3 rope scaling, untied LM head, sharded safetensors with an index."""
     scaling = dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=64,
     )
     base = make_tiny_model(
-        tiny_root / "llama3", arch="llama", rope_scaling=scaling, tie_word_embeddings=False, shard=True, rope_theta=500.0
+        tiny_root / "llama3",
+        arch="llama",
+        rope_scaling=scaling,
+        tie_word_embeddings=False,
+        shard=True,
+        rope_theta=500.0,
     )
     return {"base": base, "a8": make_peft_adapter(base, tiny_root / "llama3-a8", r=8, lora_alpha=16, seed=21)}

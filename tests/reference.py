@@ -20,7 +20,9 @@ def _model(base: str, adapter: str | None):
 
 
 @lru_cache(maxsize=4096)
-def _greedy(base: str, adapter: str | None, prompt: tuple[int, ...], max_new: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+def _greedy(
+    base: str, adapter: str | None, prompt: tuple[int, ...], max_new: int
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
     model = _model(base, adapter)
     # A plain argmax loop: generate()'s min_new_tokens would mask EOS, which the engine (ignore_eos) may pick.
     ids = list(prompt)
@@ -36,7 +38,9 @@ def _greedy(base: str, adapter: str | None, prompt: tuple[int, ...], max_new: in
     return tuple(tokens), tuple(logprobs)
 
 
-def peft_greedy(base: Path, adapter: Path | None, prompt: list[int], max_new: int) -> tuple[list[int], list[float]]:
+def peft_greedy(
+    base: Path, adapter: Path | None, prompt: list[int], max_new: int
+) -> tuple[list[int], list[float]]:
     """Greedy tokens and their raw logprobs from transformers (+ peft when ``adapter`` is given)."""
     tokens, lps = _greedy(str(base), str(adapter) if adapter else None, tuple(prompt), max_new)
     return list(tokens), list(lps)

@@ -20,8 +20,14 @@ PROMPT = [11, 42, 97, 150, 7, 64, 33]
 
 @pytest.fixture(scope="module")
 def served(llama):
-    llm = LLM(str(llama["base"]), device="cpu", dtype="float32", max_loras=2, max_lora_rank=16,
-              loras={"a8": str(llama["a8"])})
+    llm = LLM(
+        str(llama["base"]),
+        device="cpu",
+        dtype="float32",
+        max_loras=2,
+        max_lora_rank=16,
+        loras={"a8": str(llama["a8"])},
+    )
     return llm
 
 

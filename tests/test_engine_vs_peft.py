@@ -54,7 +54,9 @@ def test_mixed_batch_matches_peft(family, request):
     loras = [None if n is None or n not in names else n for n in mixed_loras(len(prompts))]
     if family == "llama3_sharded":
         loras = [None if i % 2 else "a8" for i in range(len(prompts))]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, lora_request=loras, use_tqdm=False)
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], GREEDY, lora_request=loras, use_tqdm=False
+    )
     check_against_peft(paths, prompts, loras, outs)
 
 
@@ -82,8 +84,12 @@ def test_prefix_cache_hits_give_same_outputs(llama):
     shared = make_prompts(1, seed=3, lo=20, hi=21)[0]
     prompts = [shared + tail for tail in make_prompts(8, seed=4, lo=1, hi=6)]
     loras = mixed_loras(8)
-    first = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, lora_request=loras, use_tqdm=False)
-    second = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, lora_request=loras, use_tqdm=False)
+    first = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], GREEDY, lora_request=loras, use_tqdm=False
+    )
+    second = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], GREEDY, lora_request=loras, use_tqdm=False
+    )
     assert all(o.num_cached_tokens >= 16 for o in second), [o.num_cached_tokens for o in second]
     check_against_peft(llama, prompts, loras, first)
     check_against_peft(llama, prompts, loras, second)
@@ -94,7 +100,9 @@ def test_chunked_prefill_and_preemption(llama):
     llm = build(llama, num_kv_blocks=24, max_num_batched_tokens=16)
     prompts = make_prompts(8, seed=5, lo=20, hi=30)
     loras = mixed_loras(8)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, lora_request=loras, use_tqdm=False)
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], GREEDY, lora_request=loras, use_tqdm=False
+    )
     assert llm.engine.scheduler.num_preemptions > 0
     check_against_peft(llama, prompts, loras, outs)
     assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
@@ -105,7 +113,9 @@ def test_base_rows_beside_a_full_adapter_pool(llama):
     llm = build(llama, max_loras=1, max_lora_rank=16)  # 16 rank rows: a8 + rs4 + mlp2 take 14
     prompts = make_prompts(8, seed=6)
     loras = ["a8", None, "rs4", None, "mlp2", None, "a8", None]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, lora_request=loras, use_tqdm=False)
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], GREEDY, lora_request=loras, use_tqdm=False
+    )
     check_against_peft(llama, prompts, loras, outs)
 
 
@@ -114,7 +124,9 @@ def test_more_adapters_than_device_slots(llama):
     llm = build(llama, max_loras=1, max_lora_rank=16)
     prompts = make_prompts(8, seed=7)
     loras = mixed_loras(8)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, lora_request=loras, use_tqdm=False)
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], GREEDY, lora_request=loras, use_tqdm=False
+    )
     check_against_peft(llama, prompts, loras, outs)
     assert llm.engine.store.stats.device_evictions > 0
 
@@ -123,7 +135,9 @@ def test_lora_request_forms(llama):
     llm = build(llama)
     prompt = make_prompts(1, seed=8)[0]
     by_name = llm.generate({"prompt_token_ids": prompt}, GREEDY, lora_request="a8", use_tqdm=False)
-    by_request = llm.generate([prompt], GREEDY, lora_request=LoRARequest("a8", 1, str(llama["a8"])), use_tqdm=False)
+    by_request = llm.generate(
+        [prompt], GREEDY, lora_request=LoRARequest("a8", 1, str(llama["a8"])), use_tqdm=False
+    )
     by_path = llm.generate([prompt], GREEDY, lora_request=str(llama["rs4"]), use_tqdm=False)
     assert by_name[0].outputs[0].token_ids == by_request[0].outputs[0].token_ids
     check_against_peft(llama, [prompt], ["a8"], by_name)

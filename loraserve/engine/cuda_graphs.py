@@ -148,7 +148,9 @@ class DecodeGraphs:
         lora = None
         if with_lora:
             lora = LoRASegments(num_tokens=size, segments=[], max_rank=self.max_rank or 0)
-            lora.seg_start, lora.seg_len, lora.seg_row, lora.seg_rank = (self.segs[i, :size] for i in range(4))
+            lora.seg_start, lora.seg_len, lora.seg_row, lora.seg_rank = (
+                self.segs[i, :size] for i in range(4)
+            )
         return ForwardContext(
             attn=meta, lora=lora, kv_caches=self.kv_caches, attention=attention, store_kv=self.store_kv
         )

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from loraserve.config import EngineConfig
-from loraserve.core import CompletionOutput, LoRARequest, RequestOutput, Sequence, SeqStatus
+from loraserve.core import CompletionOutput, LoRARequest, RequestOutput, SeqStatus, Sequence
 from loraserve.detokenize import OutputText
 from loraserve.engine.runner import ModelRunner
 from loraserve.engine.scheduler import ScheduledSeq, Scheduler
@@ -20,7 +20,7 @@ from loraserve.kvcache.block_manager import BlockManager
 from loraserve.lora.adapter import AdapterError
 from loraserve.lora.pool import apply_memory_budget, kv_block_bytes
 from loraserve.lora.store import AdapterEntry, AdapterNotFound, AdapterStore
-from loraserve.sampling import SampleRow, Sampler, SamplingParams
+from loraserve.sampling import Sampler, SampleRow, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +54,13 @@ class LLMEngine:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.runner = ModelRunner(cfg)
-        self.blocks = BlockManager(self.runner.num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
+        self.blocks = BlockManager(
+            self.runner.num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching
+        )
         self.store = (
-            AdapterStore(cfg.model, cfg.lora, self.runner.pool, cfg.dtype) if self.runner.pool is not None else None
+            AdapterStore(cfg.model, cfg.lora, self.runner.pool, cfg.dtype)
+            if self.runner.pool is not None
+            else None
         )
         self.scheduler = Scheduler(cfg.scheduler, self.blocks, self.store)
         self.sampler = Sampler()
@@ -152,7 +156,9 @@ class LLMEngine:
             return
         real = Path(path).resolve()
         if not any(real.is_relative_to(Path(r).resolve()) for r in roots):
-            raise AdapterError(f"adapter path {path} resolves to {real}, outside the allowed roots {list(roots)}")
+            raise AdapterError(
+                f"adapter path {path} resolves to {real}, outside the allowed roots {list(roots)}"
+            )
 
     def _require_store(self) -> AdapterStore:
         if self.store is None:
@@ -200,8 +206,13 @@ class LLMEngine:
                 gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
             seqs.append(
                 Sequence(
-                    request_id=request_id, index=i, token_ids=list(prompt_ids), num_prompt_tokens=len(prompt_ids),
-                    params=params, adapter=adapter, generator=gen,
+                    request_id=request_id,
+                    index=i,
+                    token_ids=list(prompt_ids),
+                    num_prompt_tokens=len(prompt_ids),
+                    params=params,
+                    adapter=adapter,
+                    generator=gen,
                     detok=OutputText(self.tokenizer, prompt_ids, params) if incremental else None,
                 )
             )
@@ -283,7 +294,8 @@ class LLMEngine:
             if hit is not None:
                 reason, stop_reason = "stop", hit
         if reason is None and (
-            (p.max_tokens is not None and seq.num_output >= p.max_tokens) or seq.num_tokens >= self.cfg.max_model_len
+            (p.max_tokens is not None and seq.num_output >= p.max_tokens)
+            or seq.num_tokens >= self.cfg.max_model_len
         ):
             reason = "length"
         if reason is not None:

@@ -50,14 +50,20 @@ class ModelRunner:
         self.num_blocks = cfg.cache.num_blocks or self._blocks_for(cfg.cache.kv_cache_memory)
         shape = (self.num_blocks, self.block_size, mcfg.num_kv_heads, mcfg.head_dim)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=cfg.dtype, device=self.device), torch.zeros(shape, dtype=cfg.dtype, device=self.device))
+            (
+                torch.zeros(shape, dtype=cfg.dtype, device=self.device),
+                torch.zeros(shape, dtype=cfg.dtype, device=self.device),
+            )
             for _ in range(mcfg.num_layers)
         ]
         self.attention, self.store_kv = select_attention_ops(self.device)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not cfg.enforce_eager:
             self.graphs = DecodeGraphs(
-                self.model, self.kv_caches, self.attention, self.store_kv,
+                self.model,
+                self.kv_caches,
+                self.attention,
+                self.store_kv,
                 max_batch=cfg.scheduler.max_num_seqs,
                 max_blocks=-(-cfg.max_model_len // self.block_size),
                 block_size=self.block_size,
@@ -67,7 +73,10 @@ class ModelRunner:
             self.graphs.capture(cfg.max_model_len)
         logger.info(
             "model %s loaded: %d layers, %d KV blocks of %d tokens, LoRA pool %s",
-            mcfg.name, mcfg.num_layers, self.num_blocks, self.block_size,
+            mcfg.name,
+            mcfg.num_layers,
+            self.num_blocks,
+            self.block_size,
             f"{self.pool.total_rows} rank rows ({self.pool.nbytes / 1e6:.1f} MB)" if self.pool else "off",
         )
 
@@ -79,15 +88,19 @@ class ModelRunner:
     @staticmethod
     def order(scheduled: Seq[ScheduledSeq], store: AdapterStore | None) -> list[ScheduledSeq]:
         """Group by adapter: adapter sequences by pool row, base-model sequences last."""
+
         def key(item: ScheduledSeq) -> tuple[int, int]:
             a = item.seq.adapter
             if a is None or store is None:
                 return (1, 0)
             return (0, store.row(a))
+
         return sorted(scheduled, key=key)
 
     @torch.inference_mode()
-    def run(self, scheduled: Seq[ScheduledSeq], store: AdapterStore | None) -> tuple[list[ScheduledSeq], torch.Tensor]:
+    def run(
+        self, scheduled: Seq[ScheduledSeq], store: AdapterStore | None
+    ) -> tuple[list[ScheduledSeq], torch.Tensor]:
         """Run one forward over ``scheduled``; returns the batch order and logits of sampling rows.
 
         The logits tensor is ``[num_sampling, vocab]`` float32, in batch order of the sequences
@@ -142,7 +155,9 @@ class ModelRunner:
             block_size=bs,
         )
         lora = LoRASegments.build(segments, len(ids), dev) if self.pool is not None else None
-        ctx = ForwardContext(attn=attn, lora=lora, kv_caches=self.kv_caches, attention=self.attention, store_kv=self.store_kv)
+        ctx = ForwardContext(
+            attn=attn, lora=lora, kv_caches=self.kv_caches, attention=self.attention, store_kv=self.store_kv
+        )
         logits = self.model(
             torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
             torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True),

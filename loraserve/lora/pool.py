@@ -25,7 +25,7 @@ from loraserve.config import EngineConfig, ModelConfig
 from loraserve.lora.adapter import LoRAWeights
 from loraserve.model.layers import LoRALayerWeights
 from loraserve.model.llama import LORA_LAYER_SLICES
-from loraserve.ops.lora import LoRAApplyFn, lora_apply_dense
+from loraserve.ops.lora import DENSE_MAX_ROWS, LoRAApplyFn, lora_apply_dense
 
 
 def kind_shapes(cfg: ModelConfig) -> dict[str, tuple[int, list[int]]]:
@@ -87,9 +87,14 @@ def pack_adapter(weights: LoRAWeights, cfg: ModelConfig, dtype: torch.dtype) -> 
     return PackedAdapter(r, a_out, b_out)
 
 
-def row_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of one rank row of the pool: A and B of every kind in every layer."""
-    per_layer = sum(len(outs) * in_f + sum(outs) for in_f, outs in kind_shapes(cfg).values())
+def row_bytes(cfg: ModelConfig, dtype: torch.dtype, dense: bool = False) -> int:
+    """Bytes of one rank row of the device pool: A and B of every kind in every layer.
+
+    ``dense``: the CPU pool's block-diagonal B holds ``S * sum(out_s)`` per fused kind.
+    """
+    per_layer = sum(
+        len(outs) * in_f + (len(outs) if dense else 1) * sum(outs) for in_f, outs in kind_shapes(cfg).values()
+    )
     return cfg.num_layers * per_layer * dtype.itemsize
 
 
@@ -124,8 +129,12 @@ def apply_memory_budget(cfg: EngineConfig) -> EngineConfig:
             "it cannot be combined with a fixed num_blocks"
         )
     budget = cfg.cache.kv_cache_memory
-    slot = row_bytes(cfg.model, cfg.dtype) * lora.max_lora_rank
+    # Off CUDA, small pools use the dense op's larger rows (see select_lora_apply).
+    slot = row_bytes(cfg.model, cfg.dtype, dense=not cfg.device.startswith("cuda")) * lora.max_lora_rank
     slots = int(frac * budget) // slot
+    if slots * lora.max_lora_rank > DENSE_MAX_ROWS:
+        slot = row_bytes(cfg.model, cfg.dtype) * lora.max_lora_rank
+        slots = int(frac * budget) // slot
     if slots < 1:
         raise ValueError(
             f"adapter_memory_fraction={frac} of {budget} bytes is less than one rank-{lora.max_lora_rank} "
@@ -172,7 +181,7 @@ class DeviceLoRAPool:
                 ]
         self.num_layers = cfg.num_layers
         self.apply = apply
-        self.row_bytes = row_bytes(cfg, dtype)
+        self.row_bytes = row_bytes(cfg, dtype, dense=self.dense)
         self._owners: dict[object, tuple[int, int]] = {}  # key -> (row, rank)
         # Called before compaction moves rows, so that copies still in flight into them land first.
         self.before_compact: Callable[[], None] | None = None

@@ -48,9 +48,10 @@ from loraserve.lora.adapter import (
     SAFETENSORS_NAME,
     AdapterError,
     LoRAModelSpec,
+    LoRAWeights,
     load_adapter,
 )
-from loraserve.lora.pool import DeviceLoRAPool, PackedAdapter, pack_adapter
+from loraserve.lora.pool import DeviceLoRAPool, PackedAdapter, pack_adapter, row_bytes
 from loraserve.lora.prefetch import HostLoader, ReadResult
 from loraserve.lora.resolver import DirectoryResolver
 
@@ -237,7 +238,7 @@ class AdapterStore:
                 rank=probe.rank,
                 nbytes=probe.nbytes,
                 int_id=self._next_id,
-                packed_nbytes=probe.rank * self.pool.row_bytes,
+                packed_nbytes=probe.rank * row_bytes(self.model_cfg, self.dtype),
                 target_modules=probe.target_modules,
             )
         else:
@@ -290,14 +291,22 @@ class AdapterStore:
         since there is no file to read it back from.
         """
         if weights.rank > self.cfg.max_lora_rank:
-            raise AdapterError(f"adapter {name!r}: rank {weights.rank} exceeds max_lora_rank={self.cfg.max_lora_rank}")
+            raise AdapterError(
+                f"adapter {name!r}: rank {weights.rank} exceeds max_lora_rank={self.cfg.max_lora_rank}"
+            )
         packed = pack_adapter(weights, self.model_cfg, self.dtype)
         if self.cuda:
             packed = packed.pin_memory()
         entry = AdapterEntry(
-            name=name, path=weights.path, content_hash=weights.content_hash, rank=weights.rank,
-            nbytes=weights.nbytes, int_id=self._next_id, packed_nbytes=packed.nbytes,
-            target_modules=weights.target_modules, memory_only=True,
+            name=name,
+            path=weights.path,
+            content_hash=weights.content_hash,
+            rank=weights.rank,
+            nbytes=weights.nbytes,
+            int_id=self._next_id,
+            packed_nbytes=packed.nbytes,
+            target_modules=weights.target_modules,
+            memory_only=True,
         )
         self._next_id += 1
         old = self.by_name.get(name)

@@ -106,7 +106,12 @@ class RotaryEmbedding(nn.Module):
     """Neox-style rotary embedding (``rotate_half``) over a precomputed cos/sin table."""
 
     def __init__(
-        self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None, device: torch.device | str
+        self,
+        head_dim: int,
+        max_positions: int,
+        theta: float,
+        scaling: dict[str, Any] | None,
+        device: torch.device | str,
     ) -> None:
         super().__init__()
         inv_freq = rope_inv_freq(head_dim, theta, scaling)

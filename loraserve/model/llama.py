@@ -38,20 +38,28 @@ class ForwardContext:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, lora: dict[str, LoRALayerWeights] | None, dtype, device) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer: int, lora: dict[str, LoRALayerWeights] | None, dtype, device
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.qkv_proj = LoRALinear(
-            cfg.hidden_size, [cfg.q_size, cfg.kv_size, cfg.kv_size], bias=cfg.qkv_bias,
-            lora=lora and lora.get("qkv"), dtype=dtype, device=device,
+            cfg.hidden_size,
+            [cfg.q_size, cfg.kv_size, cfg.kv_size],
+            bias=cfg.qkv_bias,
+            lora=lora and lora.get("qkv"),
+            dtype=dtype,
+            device=device,
         )
         self.o_proj = LoRALinear(
             cfg.q_size, [cfg.hidden_size], lora=lora and lora.get("o"), dtype=dtype, device=device
         )
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext
+    ) -> torch.Tensor:
         qkv = self.qkv_proj(x, ctx.lora)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         heads = self.num_heads + self.num_kv_heads
@@ -69,10 +77,18 @@ class MLP(nn.Module):
         super().__init__()
         self.intermediate = cfg.intermediate_size
         self.gate_up_proj = LoRALinear(
-            cfg.hidden_size, [cfg.intermediate_size] * 2, lora=lora and lora.get("gate_up"), dtype=dtype, device=device
+            cfg.hidden_size,
+            [cfg.intermediate_size] * 2,
+            lora=lora and lora.get("gate_up"),
+            dtype=dtype,
+            device=device,
         )
         self.down_proj = LoRALinear(
-            cfg.intermediate_size, [cfg.hidden_size], lora=lora and lora.get("down"), dtype=dtype, device=device
+            cfg.intermediate_size,
+            [cfg.hidden_size],
+            lora=lora and lora.get("down"),
+            dtype=dtype,
+            device=device,
         )
 
     def forward(self, x: torch.Tensor, lora: LoRASegments | None) -> torch.Tensor:
@@ -82,7 +98,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, lora: dict[str, LoRALayerWeights] | None, dtype, device) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer: int, lora: dict[str, LoRALayerWeights] | None, dtype, device
+    ) -> None:
         super().__init__()
         self.self_attn = Attention(cfg, layer, lora, dtype, device)
         self.mlp = MLP(cfg, lora, dtype, device)
@@ -110,7 +128,8 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, lora_layers[i] if lora_layers else None, dtype, device) for i in range(cfg.num_layers)
+            DecoderLayer(cfg, i, lora_layers[i] if lora_layers else None, dtype, device)
+            for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
@@ -122,7 +141,11 @@ class LlamaModel(nn.Module):
             )
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext, logits_indices: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        ctx: ForwardContext,
+        logits_indices: torch.Tensor,
     ) -> torch.Tensor:
         """``input_ids``, ``positions``: ``[T]``; returns float32 logits ``[len(logits_indices), vocab]``."""
         x = self.embed_tokens(input_ids)
@@ -135,8 +158,13 @@ class LlamaModel(nn.Module):
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the (fused) parameters; error on a missing or misshapen tensor."""
-        fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-                 "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+        fused = {
+            "q_proj": ("qkv_proj", 0),
+            "k_proj": ("qkv_proj", 1),
+            "v_proj": ("qkv_proj", 2),
+            "gate_proj": ("gate_up_proj", 0),
+            "up_proj": ("gate_up_proj", 1),
+        }
         params = dict(self.named_parameters())
         expected = _expected_hf_names(self.cfg)
         seen: set[str] = set()

@@ -11,12 +11,9 @@ import os
 import torch
 
 from loraserve.ops.attention import paged_attention, store_kv
-from loraserve.ops.lora import LoRAApplyFn, lora_apply, lora_apply_dense
+from loraserve.ops.lora import DENSE_MAX_ROWS, LoRAApplyFn, lora_apply, lora_apply_dense
 
 logger = logging.getLogger(__name__)
-
-# Above this many pool rows the dense CPU path does more wasted work than the per-segment loop saves.
-DENSE_MAX_ROWS = 1024
 
 
 def _triton_enabled(device: torch.device) -> bool:

@@ -156,9 +156,19 @@ def _grouped_attention_fp32(
     bsz, qlen, heads, dim = q.shape
     kv_heads = keys.shape[2]
     group = heads // kv_heads
-    qg = q.float().view(bsz, qlen, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(bsz, kv_heads, group * qlen, dim)
+    qg = (
+        q.float()
+        .view(bsz, qlen, kv_heads, group, dim)
+        .permute(0, 2, 3, 1, 4)
+        .reshape(bsz, kv_heads, group * qlen, dim)
+    )
     scores = (qg @ keys.float().permute(0, 2, 3, 1)) * scale  # [B, KVH, G*Q, K]
     rows_mask = mask.expand(bsz, 1, qlen, mask.shape[-1]).repeat(1, 1, group, 1)  # row g*Q + i -> query i
     scores = scores.masked_fill(~rows_mask, float("-inf"))
     out = scores.softmax(-1) @ values.float().transpose(1, 2)  # [B, KVH, G*Q, D]
-    return out.view(bsz, kv_heads, group, qlen, dim).permute(0, 3, 1, 2, 4).reshape(bsz, qlen, heads, dim).to(q.dtype)
+    return (
+        out.view(bsz, kv_heads, group, qlen, dim)
+        .permute(0, 3, 1, 2, 4)
+        .reshape(bsz, qlen, heads, dim)
+        .to(q.dtype)
+    )

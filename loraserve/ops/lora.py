@@ -66,7 +66,10 @@ class LoRASegments:
 
     @classmethod
     def build(
-        cls, segments: Sequence[tuple[int, int, int, int]], num_tokens: int, device: torch.device | str = "cpu"
+        cls,
+        segments: Sequence[tuple[int, int, int, int]],
+        num_tokens: int,
+        device: torch.device | str = "cpu",
     ) -> LoRASegments:
         """Build from ``(start, end, row, rank)`` runs; empty runs are dropped."""
         segs = sorted(tuple(int(v) for v in s) for s in segments if s[1] > s[0])
@@ -89,6 +92,9 @@ class LoRASegments:
             self._dense_mask[pool_rows] = mask
         return mask
 
+
+# Above this many pool rows the dense CPU op does more wasted work than the per-segment loop saves.
+DENSE_MAX_ROWS = 1024
 
 LoRAApplyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[torch.Tensor], LoRASegments], None]
 """``apply(y, x, a, b, meta)``: add every token's adapter delta to ``y`` in place."""
@@ -129,7 +135,9 @@ def lora_expand(y: torch.Tensor, t: torch.Tensor, b: Sequence[torch.Tensor], met
             y[start:end, offsets[s] : offsets[s + 1]] += delta.to(y.dtype)
 
 
-def lora_apply(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: Sequence[torch.Tensor], meta: LoRASegments) -> None:
+def lora_apply(
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: Sequence[torch.Tensor], meta: LoRASegments
+) -> None:
     """``y += LoRA(x)`` for every token's adapter (shrink then expand); base tokens are untouched.
 
     Shapes as in :func:`lora_shrink` / :func:`lora_expand`. This is the reference semantics; the

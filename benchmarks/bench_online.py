@@ -127,7 +127,7 @@ def launch_server(args: argparse.Namespace, model: Path, loras: dict[str, str]) 
     port = args.port or free_port()
     cmd = [sys.executable, "-m", "loraserve.server.cli", "--log-level", "WARNING", "serve"]
     cmd += ["--model", str(model), "--port", str(port), "--max-loras", str(args.max_loras)]
-    cmd += ["--max-num-seqs", str(args.max_num_seqs)]
+    cmd += ["--max-num-seqs", str(args.max_num_seqs), "--dtype", args.dtype]
     for name, path in loras.items():
         cmd += ["--lora", f"{name}={path}"]
     logger.info("starting server: %s", " ".join(cmd))
@@ -288,6 +288,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--prompt-words", type=int, default=48, help="prompts have between half this and this many words"
     )
     p.add_argument("--max-loras", type=int, default=4, help="device adapter slots of the started server")
+    p.add_argument("--dtype", default="auto", help="dtype of the started server (auto, float32, bfloat16)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--port", type=int, default=0, help="port of the started server (default: a free one)")
     p.add_argument("--seed", type=int, default=0)

@@ -44,13 +44,43 @@ def test_linear_rope_scaling_matches_transformers(tmp_path):
 
 
 def test_cli_generate_prints_the_offline_completion(llama):
-    args = ["--model", str(llama["base"]), "--lora", f"a8={llama['a8']}", "--device", "cpu", "--max-tokens", "6"]
+    args = [
+        "--model",
+        str(llama["base"]),
+        "--lora",
+        f"a8={llama['a8']}",
+        "--device",
+        "cpu",
+        "--max-tokens",
+        "6",
+    ]
     prompt = "hello"
     proc = subprocess.run(
-        [sys.executable, "-m", "loraserve.server.cli", "generate", *args, "--adapter", "a8", "--prompt", prompt],
-        capture_output=True, text=True, timeout=300, check=True,
+        [
+            sys.executable,
+            "-m",
+            "loraserve.server.cli",
+            "generate",
+            *args,
+            "--adapter",
+            "a8",
+            "--prompt",
+            prompt,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     llm = LLM(str(llama["base"]), device="cpu", loras={"a8": str(llama["a8"])})
-    expected = llm.chat([{"role": "user", "content": prompt}], SamplingParams(temperature=0, max_tokens=6),
-                        lora_request="a8", use_tqdm=False)[0].outputs[0].text
+    expected = (
+        llm.chat(
+            [{"role": "user", "content": prompt}],
+            SamplingParams(temperature=0, max_tokens=6),
+            lora_request="a8",
+            use_tqdm=False,
+        )[0]
+        .outputs[0]
+        .text
+    )
     assert proc.stdout.rstrip("\n") == expected

@@ -164,3 +164,17 @@ def test_prefix_cache_isolation_between_adapters(llama, tiny_root):
     out = llm.generate([prompt], GREEDY, lora_request="X", use_tqdm=False)
     assert out[0].num_cached_tokens == 0  # new weights: no KV of the old X may be reused
     check_against_peft(paths, [prompt], ["X2"], out)
+
+
+def test_adapter_registered_from_tensors(llama):
+    """``register_weights`` (adapters built in memory, as the GPU benchmarks do) serves like a path."""
+    from loraserve.lora.adapter import load_adapter
+
+    llm = build(llama)
+    store = llm.engine.store
+    weights = load_adapter(llama["rs4"], store.spec, 16, name="mem")
+    entry = store.register_weights("mem", weights)
+    assert entry.content_hash == store.get("rs4").content_hash and entry.tier(store) == "cpu"
+    prompt = make_prompts(1, seed=10)[0]
+    out = llm.generate([prompt], GREEDY, lora_request="mem", use_tqdm=False)
+    check_against_peft(llama, [prompt], ["rs4"], out)

@@ -260,11 +260,7 @@ class AdapterStore:
                 f"adapter {name!r}: needs {entry.packed_nbytes} bytes on the host tier, more than "
                 f"max_cpu_lora_bytes={limit}"
             )
-        self._next_id += 1
-        old = self.by_name.get(name)
-        if old is not None:
-            self._retire(old)
-        self.by_name[name] = entry
+        self._install(entry)
         if packed is not None:
             self._put_host(entry, packed, NOT_NEEDED)
         logger.info(
@@ -308,16 +304,20 @@ class AdapterStore:
             target_modules=weights.target_modules,
             memory_only=True,
         )
-        self._next_id += 1
-        old = self.by_name.get(name)
-        if old is not None:
-            self._retire(old)
-        self.by_name[name] = entry
+        self._install(entry)
         self.host[entry] = packed
         self.host_bytes += packed.nbytes
         if pinned:
             self.set_pinned(name, True)
         return entry
+
+    def _install(self, entry: AdapterEntry) -> None:
+        """Make ``entry`` the registration of its name (the previous one retires once unused)."""
+        self._next_id += 1
+        old = self.by_name.get(entry.name)
+        if old is not None:
+            self._retire(old)
+        self.by_name[entry.name] = entry
 
     def resolve(self, name: str) -> AdapterEntry | None:
         """Register ``name`` lazily from the resolver directories if one has it (None otherwise)."""

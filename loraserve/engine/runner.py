@@ -21,7 +21,7 @@ from loraserve.model.llama import ForwardContext, LlamaModel
 from loraserve.model.loader import iter_checkpoint
 from loraserve.ops import select_attention_ops, select_lora_apply
 from loraserve.ops.attention import AttentionMeta
-from loraserve.ops.lora import LoRAApplyFn, LoRASegments
+from loraserve.ops.lora import LoRASegments
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ class ModelRunner:
         lora_layers = None
         if cfg.lora.enabled:
             rows = cfg.lora.max_loras * cfg.lora.max_lora_rank
-            apply: LoRAApplyFn = select_lora_apply(self.device, rows)
-            self.pool = DeviceLoRAPool(mcfg, rows, cfg.dtype, self.device, apply)
+            apply, dense = select_lora_apply(self.device, rows)
+            self.pool = DeviceLoRAPool(mcfg, rows, cfg.dtype, self.device, apply, dense=dense)
             lora_layers = [self.pool.layer_weights(i) for i in range(mcfg.num_layers)]
         self.model = LlamaModel(mcfg, lora_layers, cfg.dtype, self.device, cfg.max_model_len + 1)
         if cfg.load_format == "dummy":

@@ -23,9 +23,9 @@ import torch
 
 from loraserve.config import EngineConfig, ModelConfig
 from loraserve.lora.adapter import LoRAWeights
-from loraserve.model.layers import LoRALayerWeights
+from loraserve.model.layers import DenseLoRAWeights, LoRALayerWeights
 from loraserve.model.llama import LORA_LAYER_SLICES
-from loraserve.ops.lora import DENSE_MAX_ROWS, LoRAApplyFn, lora_apply_dense
+from loraserve.ops.lora import DENSE_MAX_ROWS, LoRAApplyFn
 
 
 def kind_shapes(cfg: ModelConfig) -> dict[str, tuple[int, list[int]]]:
@@ -158,24 +158,35 @@ class DeviceLoRAPool:
         dtype: torch.dtype,
         device: torch.device | str,
         apply: LoRAApplyFn,
+        dense: bool = False,
     ) -> None:
         self.total_rows = total_rows
         self.device = torch.device(device)
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, list[torch.Tensor]] = {}
-        # The dense CPU op adds all slices with one matmul against a block-diagonal B; the per-slice
-        # tensors are then views of it, so writes and compaction need no second copy.
-        self.dense = apply is lora_apply_dense
-        self._b_dense: dict[str, torch.Tensor] = {}
+        # The dense CPU layout (lora_linear_dense): per kind one [L, out + R*S, in] tensor holding each
+        # layer's base weight above its A rows (one matmul computes both), and a block-diagonal B
+        # [L, R, S, out] whose per-slice views are what writes and compaction touch.
+        self.dense = dense
+        self._fused: dict[str, torch.Tensor] = {}
+        self._b_block: dict[str, torch.Tensor] = {}
         for kind, (in_f, outs) in kind_shapes(cfg).items():
             slices = len(LORA_LAYER_SLICES[kind])
-            self.a[kind] = torch.zeros(cfg.num_layers, total_rows, slices, in_f, dtype=dtype, device=device)
-            if self.dense:
-                full = torch.zeros(cfg.num_layers, total_rows, slices, sum(outs), dtype=dtype, device=device)
+            n_out = sum(outs)
+            if dense:
+                fused = torch.zeros(
+                    cfg.num_layers, n_out + total_rows * slices, in_f, dtype=dtype, device=device
+                )
+                self._fused[kind] = fused
+                self.a[kind] = fused[:, n_out:].view(cfg.num_layers, total_rows, slices, in_f)
+                block = torch.zeros(cfg.num_layers, total_rows, slices, n_out, dtype=dtype, device=device)
                 offs = [sum(outs[:s]) for s in range(slices)]
-                self._b_dense[kind] = full
-                self.b[kind] = [full[:, :, s, offs[s] : offs[s] + o] for s, o in enumerate(outs)]
+                self._b_block[kind] = block
+                self.b[kind] = [block[:, :, s, offs[s] : offs[s] + o] for s, o in enumerate(outs)]
             else:
+                self.a[kind] = torch.zeros(
+                    cfg.num_layers, total_rows, slices, in_f, dtype=dtype, device=device
+                )
                 self.b[kind] = [
                     torch.zeros(cfg.num_layers, total_rows, o, dtype=dtype, device=device) for o in outs
                 ]
@@ -188,23 +199,19 @@ class DeviceLoRAPool:
 
     @property
     def nbytes(self) -> int:
-        b_tensors = list(self._b_dense.values()) or [t for bs in self.b.values() for t in bs]
+        """Bytes of the adapter rows (the base weights that share the dense tensors excluded)."""
+        b_tensors = list(self._b_block.values()) or [t for bs in self.b.values() for t in bs]
         return sum(t.numel() * t.element_size() for t in [*self.a.values(), *b_tensors])
 
     def layer_weights(self, layer: int) -> dict[str, LoRALayerWeights]:
-        """Views of one layer's rows, handed to that layer's LoRA linears at construction.
-
-        For the dense op, ``b`` is the one block-diagonal ``[R * S, sum out_s]`` matrix (see
-        :func:`~loraserve.ops.lora.lora_apply_dense`); otherwise the ``S`` per-slice tensors.
-        """
+        """Views of one layer's rows, handed to that layer's LoRA linears at construction."""
         out = {}
         for kind, a in self.a.items():
+            dense = None
             if self.dense:
-                full = self._b_dense[kind][layer]
-                b = [full.view(full.shape[0] * full.shape[1], full.shape[2])]
-            else:
-                b = [t[layer] for t in self.b[kind]]
-            out[kind] = LoRALayerWeights(a[layer], b, self.apply)
+                block = self._b_block[kind][layer]
+                dense = DenseLoRAWeights(self._fused[kind][layer], block.view(-1, block.shape[-1]))
+            out[kind] = LoRALayerWeights(a[layer], [t[layer] for t in self.b[kind]], self.apply, dense)
         return out
 
     @property

@@ -16,7 +16,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraserve.ops.lora import LoRAApplyFn, LoRASegments
+from loraserve.ops.lora import LoRAApplyFn, LoRASegments, lora_linear_dense
+
+
+@dataclass
+class DenseLoRAWeights:
+    """The CPU dense layout of one layer (see :func:`~loraserve.ops.lora.lora_linear_dense`).
+
+    ``fused``: ``[out + R * S, in]``, the base weight followed by the A pool rows (the layer's
+    weight parameter is a view of its first ``out`` rows); ``b_block``: ``[R * S, out]``.
+    """
+
+    fused: torch.Tensor
+    b_block: torch.Tensor
 
 
 @dataclass
@@ -24,12 +36,14 @@ class LoRALayerWeights:
     """One layer's slice of the device adapter pool (see ``loraserve.ops.lora`` for the layout).
 
     ``a``: ``[R, S, in]``; ``b``: ``S`` tensors ``[R, out_s]`` with the scale folded in.
-    ``apply``: the op that adds the deltas (torch segment loop, torch dense, or Triton).
+    ``apply``: the op that adds the deltas (torch segment loop or Triton); ``dense``: set when the
+    pool uses the CPU dense layout, which computes the projection and the deltas together.
     """
 
     a: torch.Tensor
     b: list[torch.Tensor]
     apply: LoRAApplyFn
+    dense: DenseLoRAWeights | None = None
 
 
 class LoRALinear(nn.Module):
@@ -51,9 +65,12 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_sizes = list(out_sizes)
-        self.weight = nn.Parameter(
-            torch.empty(sum(out_sizes), in_features, dtype=dtype, device=device), requires_grad=False
-        )
+        if lora is not None and lora.dense is not None:
+            # The weight lives in the pool's fused tensor, just above this layer's A rows.
+            weight = lora.dense.fused[: sum(out_sizes)]
+        else:
+            weight = torch.empty(sum(out_sizes), in_features, dtype=dtype, device=device)
+        self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = (
             nn.Parameter(torch.empty(sum(out_sizes), dtype=dtype, device=device), requires_grad=False)
             if bias
@@ -62,9 +79,21 @@ class LoRALinear(nn.Module):
         self.lora = lora
 
     def forward(self, x: torch.Tensor, lora_meta: LoRASegments | None) -> torch.Tensor:
+        lora = self.lora
+        if lora is None or lora_meta is None or lora_meta.empty:
+            return F.linear(x, self.weight, self.bias)
+        if lora.dense is not None:
+            return lora_linear_dense(
+                x,
+                lora.dense.fused,
+                self.weight.shape[0],
+                lora.a.shape[1],
+                self.bias,
+                lora.dense.b_block,
+                lora_meta,
+            )
         y = F.linear(x, self.weight, self.bias)
-        if self.lora is not None and lora_meta is not None and not lora_meta.empty:
-            self.lora.apply(y, x, self.lora.a, self.lora.b, lora_meta)
+        lora.apply(y, x, lora.a, lora.b, lora_meta)
         return y
 
 

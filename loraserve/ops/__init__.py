@@ -11,7 +11,7 @@ import os
 import torch
 
 from loraserve.ops.attention import paged_attention, store_kv
-from loraserve.ops.lora import DENSE_MAX_ROWS, LoRAApplyFn, lora_apply, lora_apply_dense
+from loraserve.ops.lora import DENSE_MAX_ROWS, LoRAApplyFn, lora_apply
 
 logger = logging.getLogger(__name__)
 
@@ -27,13 +27,17 @@ def _triton_enabled(device: torch.device) -> bool:
     return True
 
 
-def select_lora_apply(device: torch.device, pool_rows: int) -> LoRAApplyFn:
-    """Triton segmented kernels on CUDA; on CPU the dense torch op for small pools, else the segment loop."""
+def select_lora_apply(device: torch.device, pool_rows: int) -> tuple[LoRAApplyFn, bool]:
+    """``(apply, dense)`` for a pool of ``pool_rows`` rows on ``device``.
+
+    CUDA: the Triton segmented kernels. CPU: ``dense`` (``lora_linear_dense``, the base weight and
+    the A pool in one matmul) for small pools, else the torch segment loop.
+    """
     if _triton_enabled(device):
         from loraserve.ops.triton_lora import lora_apply_triton
 
-        return lora_apply_triton
-    return lora_apply_dense if pool_rows <= DENSE_MAX_ROWS else lora_apply
+        return lora_apply_triton, False
+    return lora_apply, pool_rows <= DENSE_MAX_ROWS
 
 
 def select_attention_ops(device: torch.device):

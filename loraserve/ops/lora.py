@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -93,7 +94,8 @@ class LoRASegments:
         return mask
 
 
-# Above this many pool rows the dense CPU op does more wasted work than the per-segment loop saves.
+# Above this many pool rows the dense CPU op (lora_linear_dense) does more wasted work than the
+# per-segment loop saves.
 DENSE_MAX_ROWS = 1024
 
 LoRAApplyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[torch.Tensor], LoRASegments], None]
@@ -141,35 +143,56 @@ def lora_apply(
     """``y += LoRA(x)`` for every token's adapter (shrink then expand); base tokens are untouched.
 
     Shapes as in :func:`lora_shrink` / :func:`lora_expand`. This is the reference semantics; the
-    dense variant :func:`lora_apply_dense` computes the same result.
+    dense CPU variant :func:`lora_linear_dense` computes the same result.
     """
     if meta.empty:
         return
     lora_expand(y, lora_shrink(x, a, meta), b, meta)
 
 
-def lora_apply_dense(
-    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: Sequence[torch.Tensor], meta: LoRASegments
-) -> None:
-    """Same result as :func:`lora_apply`, computed against the whole (small) pool at once.
+def lora_linear_dense(
+    x: torch.Tensor,
+    fused: torch.Tensor,
+    out_features: int,
+    num_slices: int,
+    bias: torch.Tensor | None,
+    b_block: torch.Tensor,
+    meta: LoRASegments,
+) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` plus every token's adapter delta, for a small pool (the CPU path).
 
-    ``b`` here is ONE block-diagonal matrix ``[R * S, sum_s out_s]`` whose row ``r * S + s`` holds
-    row ``r`` of slice ``s`` in that slice's column range (zeros elsewhere), as the pool lays it out
-    for this op. Then ``t = (x @ a_all^T) * mask`` and ``y += t @ b``: three ops per layer whatever
-    the number of segments or slices, so a CPU step with many adapters costs a fixed handful of ops
-    per layer instead of a Python loop over segments. Worth it only when the pool is small (CPU
-    engines hold a few adapters on the "device" tier); the work grows with ``R``, not with the
-    ranks in use. Only the token span holding segments is computed (base tokens sit after it).
+    Args:
+        x: ``[T, in]``.
+        fused: ``[out + R * S, in]``: the base weight ``W`` (first ``out`` rows) followed by the
+            layer's A pool (``[R, S, in]`` flattened, so rows in ``(r, s)`` order), one tensor, so ONE
+            matmul yields the base output and the shrink ``t = x @ A_all^T`` together (the weight
+            bytes dominate; the A rows add a few percent).
+        out_features: ``out`` (the sum of the slices' widths).
+        num_slices: ``S``.
+        bias: ``[out]`` or None.
+        b_block: ``[R * S, out]`` block-diagonal B: row ``r * S + s`` holds row ``r`` of slice ``s``
+            (scale folded in) in that slice's columns, zeros elsewhere.
+        meta: the step's segments (not empty).
+    Returns:
+        ``y``: ``[T, out]``, ``y[i] = W x_i (+ bias) + B_a A_a x_i`` for token ``i``'s adapter ``a``
+        (nothing added for base tokens): the reference :func:`lora_apply` on top of the projection.
+
+    Only pool rows below ``meta.rows_hi`` are computed (the pool keeps used rows packed low), and a
+    ``[T, rows]`` token x row mask keeps each token's own adapter, so a step costs three ops per
+    layer whatever the number of segments or slices.
     """
-    if meta.empty:
-        return
-    num_slices = a.shape[1]
-    rows = meta.rows_hi  # rows past every segment's end hold no adapter of this step: skip them
+    rows = meta.rows_hi
+    width = rows * num_slices
+    out = F.linear(x, fused[: out_features + width])
+    y = out[:, :out_features]
+    if bias is not None:
+        y = y + bias
     lo, hi = meta.span
+    t = out[lo:hi, out_features:]
     mask = meta.dense_mask(rows, x.dtype, x.device)[lo:hi]
-    t = x[lo:hi] @ a[:rows].reshape(rows * num_slices, -1).T
-    t.view(-1, rows, num_slices).mul_(mask.unsqueeze(-1))
-    y[lo:hi].addmm_(t, b[0][: rows * num_slices])
+    t = t.reshape(-1, rows, num_slices) * mask.unsqueeze(-1)
+    y[lo:hi].addmm_(t.view(hi - lo, width), b_block[:width])
+    return y
 
 
 def _slice_offsets(b: Sequence[torch.Tensor]) -> list[int]:

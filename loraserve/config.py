@@ -168,12 +168,19 @@ class LoRAConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Continuous batching limits."""
+    """Continuous batching limits.
+
+    ``adapter_affinity``: admit waiting requests grouped by adapter (those of adapters already in
+    the running batch first, then one adapter's requests together) instead of strictly in arrival
+    order, so that a step reads fewer distinct adapters; any request is passed over at most
+    ``adapter_wait_bound_steps`` times (``loraserve.engine.scheduler``).
+    """
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     adapter_wait_bound_steps: int = 64
+    adapter_affinity: bool = True
 
 
 @dataclass(frozen=True)

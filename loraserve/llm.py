@@ -61,6 +61,9 @@ class LLM:
         adapter_memory_fraction: when set, ``kv_cache_memory`` is one device budget for KV and
             adapters, and the adapter pool gets this fraction of it (``max_loras`` is then derived).
         prefetch_workers: threads reading adapters from disk off the engine thread (0: inline).
+        adapter_affinity: admit queued requests grouped by adapter so that a step reads fewer
+            distinct adapters (default on); ``adapter_wait_bound_steps`` bounds how often a request
+            may be passed over by it or by adapter loads (``loraserve.engine.scheduler``).
         Other keyword arguments size the KV cache and the scheduler (see ``CacheConfig``, ``SchedulerConfig``).
     """
 
@@ -91,6 +94,8 @@ class LLM:
         load_format: str = "auto",
         enforce_eager: bool = False,
         skip_tokenizer_init: bool = False,
+        adapter_affinity: bool = True,
+        adapter_wait_bound_steps: int = 64,
     ) -> None:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         path = resolve_model_path(model)
@@ -120,6 +125,8 @@ class LLM:
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=max_model_len,
+                adapter_wait_bound_steps=adapter_wait_bound_steps,
+                adapter_affinity=adapter_affinity,
             ),
             seed=seed,
             load_format=load_format,

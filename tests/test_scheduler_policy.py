@@ -42,11 +42,24 @@ def adapter_dir(root: Path, model: ModelConfig, name: str, rank: int) -> Path:
     return path if path.exists() else write_adapter(path, model, rank, seed=sum(map(ord, name)) + rank)
 
 
-def build(model: ModelConfig, rows: int, bound: int = 4, max_seqs: int = 16, cpu: int = 16, workers: int = 0):
+def build(
+    model: ModelConfig,
+    rows: int,
+    bound: int = 4,
+    max_seqs: int = 16,
+    cpu: int = 16,
+    workers: int = 0,
+    affinity: bool = True,
+):
     pool = DeviceLoRAPool(model, rows, torch.float32, "cpu", lora_apply)
     lora = LoRAConfig(max_lora_rank=16, max_cpu_loras=cpu, prefetch_workers=workers)
     store = AdapterStore(model, lora, pool, torch.float32)
-    cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=256, adapter_wait_bound_steps=bound)
+    cfg = SchedulerConfig(
+        max_num_seqs=max_seqs,
+        max_num_batched_tokens=256,
+        adapter_wait_bound_steps=bound,
+        adapter_affinity=affinity,
+    )
     return Scheduler(cfg, BlockManager(512, 4), store), store
 
 
@@ -226,3 +239,45 @@ def test_pinned_adapter_stays_through_churn(model, root):
         step(sched)
         assert pinned in store.pool
     assert store.stats.device_evictions > 0 and pinned.device_loads == 1 and pinned.misses <= 1
+
+
+@pytest.mark.parametrize("affinity", [True, False])
+def test_affinity_batches_one_adapters_requests_together(model, root, affinity):
+    """Requests cycle over four resident adapters and the batch has eight seats. Arrival order puts
+    all four in every batch; affinity admits two adapters' requests together, and later arrivals of
+    an adapter already running join it ahead of an adapter not yet running."""
+    sched, store = build(model, rows=32, max_seqs=8, affinity=affinity)
+    entries = [store.register(f"g{i}", adapter_dir(root, model, f"g{i}", 8)) for i in range(4)]
+    for i in range(16):
+        sched.add(seq(entries[i % 4], max_tokens=3))
+    first = step(sched)
+    distinct = {s.adapter for s in first}
+    if affinity:
+        assert distinct == set(entries[:2]) and len(first) == 8
+    else:
+        assert distinct == set(entries) and len(first) == 8
+    while sched.has_unfinished():
+        step(sched)
+        assert max((s.waited_steps for s in sched.waiting), default=0) <= 4
+
+
+def test_affinity_passes_a_request_at_most_b_times(model, root):
+    """A long request keeps a hot adapter in the batch and the hot adapter keeps getting short
+    requests; a base-model request queued before them is passed by the hot ones (their adapter
+    is running) exactly B times, then goes first."""
+    bound = 3
+    sched, store = build(model, rows=16, bound=bound, max_seqs=2)
+    hot = store.register("hot", adapter_dir(root, model, "hot", 8))
+    sched.add(seq(hot, max_tokens=50))
+    step(sched)
+    base = seq(None)
+    sched.add(base)
+    admitted_at = None
+    for n in range(1, 20):
+        sched.add(seq(hot, max_tokens=1))  # admitted and finished in one step: one seat frees each step
+        admitted = step(sched)
+        assert base.waited_steps <= bound
+        if base in admitted:
+            admitted_at = n
+            break
+    assert base.waited_steps == bound and admitted_at == bound + 1

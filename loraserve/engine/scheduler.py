@@ -6,8 +6,15 @@ Each step, under a token budget (``max_num_batched_tokens``):
    prompt when a prefill was cut short. When KV blocks run out, the newest running sequence is
    preempted (its blocks freed, its adapter reference dropped) and re-queued at the front of the
    waiting queue; it recomputes later, usually from the prefix cache.
-2. Then waiting sequences, in queue order (arrival order, preempted ones first), while sequences,
-   tokens and blocks allow, scanning at most ``lookahead`` of them.
+2. Then waiting sequences, while sequences, tokens and blocks allow, scanning at most
+   ``lookahead`` of them (the *window*) in *admission order*. Without ``adapter_affinity`` that is
+   queue order (arrival order, preempted ones first). With it (the default) the window is
+   regrouped: first the sequences already overtaken B times (below), in queue order; then those
+   whose adapter (or the base model) is already in the running batch, in queue order; then the
+   rest by adapter, each adapter's sequences together, adapters in order of their first sequence
+   in the queue. A decode step reads every adapter its batch uses, so admitting one adapter's
+   requests together cuts the distinct adapters (and adapter bytes) per step without ever
+   reordering past the bound.
 
 Adapter policy (the store does the moves, see ``loraserve.lora.store``):
 
@@ -26,12 +33,15 @@ Adapter policy (the store does the moves, see ``loraserve.lora.store``):
   least recently used); it never evicts an adapter needed sooner than the one being loaded.
 
 **Bound.** Let B = ``adapter_wait_bound_steps``. A waiting sequence is *overtaken* in an admission
-round when it is skipped for lack of device rows (its adapter already in host memory) while a
-sequence queued behind it is admitted; its ``waited_steps`` counts those rounds.
+round when it is not admitted while a sequence queued behind it is, unless its adapter is still
+being read from disk (point (c)); its ``waited_steps`` counts those rounds. That covers both being
+skipped for lack of device rows and being passed by the affinity regrouping.
 
-(a) No sequence is overtaken in more than B rounds: the first sequence in the queue that has been
-    overtaken B times and is still not ready takes the *reservation*, and while it holds it
-    nothing else is admitted (the device load is attempted for it alone).
+(a) No sequence is overtaken in more than B rounds: once overtaken B times it is tried before
+    every sequence that has not been, so only a sequence queued before it can still go first;
+    if it is not ready then (its adapter in host memory, rows lacking), the first such sequence
+    in the queue takes the *reservation*, and while it holds it nothing else is admitted (the
+    device load is attempted for it alone).
 (b) The reservation holder is admitted at the latest D steps after the step that gave it the
     reservation, where D is the largest number of steps (that one included) any sequence running
     in it still needs: its unprefilled prompt chunks plus the tokens it may still generate, at
@@ -163,11 +173,10 @@ class Scheduler:
     def _admit(self, out: list[ScheduledSeq], budget: int, priority: dict[AdapterEntry, int]) -> int:
         store = self.store
         holder = self.reserved
-        queue = [holder] if holder is not None else list(islice(self.waiting, self.lookahead))
+        window = [holder] if holder is not None else list(islice(self.waiting, self.lookahead))
         admitted: list[Sequence] = []
-        overtaken: list[Sequence] = []  # skipped for rows with the adapter on the host, in queue order
         tried: set[AdapterEntry] = set()
-        for seq in queue:
+        for seq in self._admission_order(window):
             if budget <= 0 or len(self.running) + len(admitted) >= self.cfg.max_num_seqs:
                 break
             adapter = seq.adapter
@@ -176,13 +185,15 @@ class Scheduler:
                     tried.add(adapter)
                     store.make_resident(adapter, priority.get(adapter, NOT_NEEDED))
                 if not store.is_ready(adapter):
-                    if adapter in store.host:
-                        overtaken.append(seq)
-                        if holder is None and seq.waited_steps >= self.cfg.adapter_wait_bound_steps:
-                            # Bound (a): nothing behind it goes first from now on.
-                            self.reserved = seq
-                            self.num_reservations += 1
-                            break
+                    if (
+                        adapter in store.host
+                        and holder is None
+                        and seq.waited_steps >= self.cfg.adapter_wait_bound_steps
+                    ):
+                        # Bound (a): nothing behind it goes first from now on.
+                        self.reserved = seq
+                        self.num_reservations += 1
+                        break
                     continue
             seed = seed_hash(seq.adapter_hash)
             hit_ids, hit_hashes = self.blocks.match_prefix(seq.token_ids, seed)
@@ -205,17 +216,49 @@ class Scheduler:
             out.append(ScheduledSeq(seq, chunk))
             budget -= chunk
         if admitted:
-            last = admitted[-1]
-            position = {s: n for n, s in enumerate(queue)}
-            for seq in overtaken:
-                if seq is not self.reserved and position[seq] < position[last]:
-                    seq.waited_steps += 1
+            self._count_overtaken(window, admitted)
         if holder is not None and holder in admitted:
             self.reserved = None
         for seq in admitted:
             self.waiting.remove(seq)
             self.running.append(seq)
         return budget
+
+    def _admission_order(self, window: list[Sequence]) -> list[Sequence]:
+        """The window in the order admission tries it (the module docstring, point 2)."""
+        if not self.cfg.adapter_affinity:
+            return window
+        bound = self.cfg.adapter_wait_bound_steps
+        active = {s.adapter for s in self.running}
+        due: list[Sequence] = []
+        warm: list[Sequence] = []
+        groups: dict[AdapterEntry | None, list[Sequence]] = {}
+        for seq in window:
+            if seq.waited_steps >= bound:
+                due.append(seq)
+            elif seq.adapter in active:
+                warm.append(seq)
+            else:
+                groups.setdefault(seq.adapter, []).append(seq)
+        return due + warm + [seq for group in groups.values() for seq in group]
+
+    def _count_overtaken(self, window: list[Sequence], admitted: list[Sequence]) -> None:
+        """Count a round for each sequence of ``window`` passed by one queued behind it (bound (a))."""
+        last = max(n for n, seq in enumerate(window) if seq.status is SeqStatus.RUNNING)
+        done = set(admitted)
+        store = self.store
+        for seq in window[:last]:
+            if seq in done or seq is self.reserved:
+                continue
+            adapter = seq.adapter
+            if (
+                adapter is not None
+                and store is not None
+                and not store.is_ready(adapter)
+                and adapter not in store.host
+            ):
+                continue  # waiting for its disk read: I/O, not a scheduling decision (point (c))
+            seq.waited_steps += 1
 
     def on_step_done(self, scheduled: Iterable[ScheduledSeq]) -> None:
         """Advance ``num_computed`` and publish newly full blocks to the prefix cache."""

@@ -23,6 +23,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-adapter-affinity",
+        dest="adapter_affinity",
+        action="store_false",
+        help="admit queued requests in arrival order instead of grouped by adapter",
+    )
+    p.add_argument(
+        "--adapter-wait-bound-steps",
+        type=int,
+        default=64,
+        help="most admission rounds a queued request can be passed over (adapter grouping or loads)",
+    )
 
 
 def parse_loras(items: Sequence[str]) -> dict[str, str]:
@@ -54,6 +66,8 @@ def build_llm(args: argparse.Namespace, **extra):
         max_model_len=args.max_model_len,
         loras=parse_loras(args.lora),
         seed=args.seed,
+        adapter_affinity=args.adapter_affinity,
+        adapter_wait_bound_steps=args.adapter_wait_bound_steps,
         **extra,
     )
 

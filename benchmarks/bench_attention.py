@@ -228,7 +228,14 @@ def measure(w: Workload, copy_gbps: float, args: argparse.Namespace) -> dict[str
 def sweep(w: Workload, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Time alternative launch configs (and split counts for decode); failures to compile are skipped."""
     group = w.q.shape[1] // w.k_caches[0].shape[2]
-    if w.kind == "decode":
+    if w.kind == "decode" and group == 1:
+        # block_m = heads per program of the MHA decode kernel.
+        base = decode_num_splits(w.batch, w.k_caches[0].shape[2], w.ctx, w.q.device, group)
+        variants = [
+            {"config": KernelConfig(bm, bn, nw, 2), "num_splits": s}
+            for bm, bn, nw, s in itertools.product((2, 4, 8), (16, 32), (4, 8), sorted({1, base, 2 * base}))
+        ]
+    elif w.kind == "decode":
         base = decode_num_splits(w.batch, w.k_caches[0].shape[2], w.ctx, w.q.device)
         variants = [
             {"config": KernelConfig(16, bn, nw, ns), "num_splits": s}
@@ -311,6 +318,10 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--tol", type=float, default=3e-2, help="max abs error vs the fp32 torch reference")
     parser.add_argument("--sweep", action="store_true", help="also time alternative configs / split counts")
+    parser.add_argument(
+        "--sweep-filter", nargs="*", default=[], help="sweep only cases whose name contains one of these"
+    )
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention needs a CUDA device")
@@ -321,11 +332,11 @@ def main() -> None:
     copy_gbps = copy_bandwidth_gbps(device, args.warmup, args.iters)
     specs = [("decode", b, 1, ctx) for b in (1, 64, 256) for ctx in (512, 1024)] + [("prefill", 8, 512, 512)]
     rows, sweeps = [], []
-    for model in MODELS:
+    for model in args.models:
         for kind, batch, q_len, ctx in specs:
             w = make_workload(model, kind, batch, q_len, ctx, dtype, device)
             rows.append(measure(w, copy_gbps, args))
-            if args.sweep:
+            if args.sweep and (not args.sweep_filter or any(f in w.name for f in args.sweep_filter)):
                 sweeps.extend(sweep(w, args))
             del w
             torch.cuda.empty_cache()

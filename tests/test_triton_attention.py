@@ -155,6 +155,15 @@ def test_decode_split_k(num_splits: int, heads: int, kv_heads: int) -> None:
     check(case, case.run(num_splits=num_splits, config=SMALL_TILES), case.reference())
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("block_m", [1, 2, 8, 16])
+def test_mha_decode_heads_per_program(block_m: int, num_splits: int) -> None:
+    """Without GQA a decode program takes several heads (``block_m``, at most ``num_heads``)."""
+    case = Case(SPECS["decode"], 8, 8, 64, HALF, seed=6)
+    config = KernelConfig(block_m=block_m, block_n=16, num_warps=4, num_stages=2)
+    check(case, case.run(num_splits=num_splits, config=config), case.reference())
+
+
 def test_decode_num_splits_heuristic() -> None:
     assert decode_num_splits(1, 8, 1, DEVICE) == 1  # nothing to split
     assert decode_num_splits(1, 1, 4096, DEVICE) > 1  # one long sequence: split to fill the GPU

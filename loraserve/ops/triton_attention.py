@@ -17,6 +17,10 @@ table token by token, scores and softmax in fp32, online softmax in the log2 dom
 * **decode** (every sequence has exactly one query token): one program per (sequence, KV head,
   split); the split dimension is flash-decoding (split-K over the context) so that a few long
   sequences still fill the GPU, followed by a small reduction kernel when ``num_splits > 1``.
+  Without GQA (``num_heads == num_kv_heads``) a program instead takes ``block_m`` adjacent heads of
+  one sequence (:func:`_decode_mha_kernel`): a head's slice of a cached token is only
+  ``head_dim`` elements, so reading several heads per token makes each gathered row
+  ``block_m * head_dim`` contiguous elements and shares the block-table lookups.
 
 Nothing reads device values on the host: grids come from ``T``, ``B`` and ``max_seq_len`` (host copies
 in :class:`~loraserve.ops.attention.AttentionMeta`), loop bounds from device ``seq_lens`` / ``query_start``.
@@ -55,9 +59,11 @@ _DECODE_MAX_SPLITS = 32
 class KernelConfig:
     """Launch parameters of one attention kernel.
 
-    ``block_m``: rows (query tokens x GQA group) per program of the general kernel, at least the group
-    size (unused by the decode kernel, whose rows are one token's group); ``block_n``: keys per
-    inner-loop tile; Triton's ``num_warps`` / ``num_stages``.
+    ``block_m``: rows per program: for the general kernel query tokens x GQA group, at least the
+    group size; for the decode kernel without GQA the heads of one token (the largest power of two
+    up to ``block_m`` that divides ``num_heads``); unused by the GQA decode kernel, whose rows are
+    one token's group.
+    ``block_n``: keys per inner-loop tile; Triton's ``num_warps`` / ``num_stages``.
     """
 
     block_m: int
@@ -84,17 +90,29 @@ def general_config(group: int, max_query_len: int, dtype: torch.dtype) -> Kernel
     return KernelConfig(block_m=max(64, triton.next_power_of_2(group)), block_n=32, num_warps=4, num_stages=2)
 
 
+# Heads per program of the decode kernel without GQA (its ``block_m``).
+_MHA_DECODE_HEADS = 4
+
+
 def decode_config(dtype: torch.dtype, group: int = 2) -> KernelConfig:
     """Default tiles of the decode kernel (8 warps keep a 64-key K and V tile in registers at D=128).
 
-    Without GQA (``group == 1``) the H200 sweep (benchmarks/RESULTS.md) favoured 32-key tiles on
-    4 warps: 30% faster at batch 64-256 than the GQA tiles.
+    Without GQA (``group == 1``) a program takes ``_MHA_DECODE_HEADS`` heads of one token and
+    ``block_n`` keys: its K and V tiles are ``[block_n, heads, head_dim]``.
     """
+    if group == 1:
+        return KernelConfig(block_m=_MHA_DECODE_HEADS, block_n=16, num_warps=4, num_stages=2)
     if dtype == torch.float32:
         return KernelConfig(block_m=16, block_n=16, num_warps=8, num_stages=2)
-    if group == 1:
-        return KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=2)
     return KernelConfig(block_m=16, block_n=64, num_warps=8, num_stages=2)
+
+
+def _mha_heads_per_program(block_m: int, num_heads: int) -> int:
+    """The largest power of two ``<= block_m`` that divides ``num_heads``."""
+    heads = 1
+    while heads * 2 <= block_m and num_heads % (heads * 2) == 0:
+        heads *= 2
+    return heads
 
 
 @functools.lru_cache(maxsize=8)
@@ -112,12 +130,14 @@ def decode_num_splits(
     Deterministic in its arguments, so a CUDA-graph runner can call it once per captured batch size with
     the model's maximum length and pass the result as ``num_splits``.
     """
-    programs = max(1, num_seqs * num_kv_heads)
+    heads = (
+        num_kv_heads // _mha_heads_per_program(_MHA_DECODE_HEADS, num_kv_heads)
+        if group == 1
+        else num_kv_heads
+    )
+    programs = max(1, num_seqs * heads)
     want = -(-_DECODE_PROGRAMS_PER_SM * _num_sms(device) // programs)
     by_len = -(-max_seq_len // _DECODE_MIN_TOKENS_PER_SPLIT)
-    if group == 1:
-        # Without GQA, two splits beat one even when (seq, head) programs fill the GPU (H200 sweep).
-        want = max(want, 2)
     return max(1, min(want, by_len, _DECODE_MAX_SPLITS))
 
 
@@ -224,7 +244,6 @@ def _attend_tiles(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    USE_DOT: tl.constexpr,
 ):
     """Online-softmax accumulation of keys ``[kv_lo, kv_hi)``; row ``r`` only sees keys ``< row_limit[r]``.
 
@@ -243,10 +262,7 @@ def _attend_tiles(
         # other=0 matters: unwritten cache memory may hold NaN/inf, and 0 * NaN would poison P @ V.
         k = tl.load(k_cache_ptr + kv_off, mask=kmask[:, None], other=0.0).to(q.dtype)
         v = tl.load(v_cache_ptr + kv_off, mask=kmask[:, None], other=0.0).to(q.dtype)
-        if USE_DOT:
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        else:  # one row (MHA decode): a broadcast-reduce avoids padding to tl.dot's 16 rows
-            s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), 2) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(kpos[None, :] < row_limit[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no visible key yet keeps m = -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
@@ -254,10 +270,7 @@ def _attend_tiles(
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if USE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        else:
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -359,7 +372,6 @@ def _general_kernel(
         HEAD_DIM,
         BLOCK_N,
         DOT_PRECISION,
-        True,
     )
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
@@ -396,14 +408,13 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    USE_DOT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)  # 0 for CUDA-graph padding: no tiles, zero output
 
-    r = tl.arange(0, GROUP_P)  # the GQA group's query heads (padded to tl.dot's 16 rows when USE_DOT)
+    r = tl.arange(0, GROUP_P)  # the GQA group's query heads (padded to tl.dot's 16 rows)
     head = kv_head * GROUP + r
     row_valid = r < GROUP
     d = tl.arange(0, HEAD_DIM)
@@ -440,8 +451,33 @@ def _decode_kernel(
         HEAD_DIM,
         BLOCK_N,
         DOT_PRECISION,
-        USE_DOT,
     )
+    _store_decode(
+        acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, seq, head, row_valid, split, num_heads,
+        stride_ot, stride_oh, HEAD_DIM, NUM_SPLITS,
+    )  # fmt: skip
+
+
+@triton.jit
+def _store_decode(
+    acc,
+    m_i,
+    l_i,
+    out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    seq,
+    head,
+    row_valid,
+    split,
+    num_heads,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    """Write a decode program's rows (``head`` ``[M]``): the output, or its split's partials."""
+    d = tl.arange(0, HEAD_DIM)
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(
@@ -455,6 +491,77 @@ def _decode_kernel(
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_valid[:, None])
         tl.store(part_ml_ptr + part * 2, m_i, mask=row_valid)
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_valid)
+
+
+@triton.jit
+def _decode_mha_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    num_heads,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cb,
+    stride_co,
+    stride_btb,
+    stride_btn,
+    HEADS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    """Decode without GQA: one program per (sequence, ``HEADS`` adjacent heads, split).
+
+    Each head has its own K/V, so there is no shared tile for ``tl.dot``; scores are a broadcast
+    multiply-reduce in fp32 over ``[BLOCK_N, HEADS, HEAD_DIM]`` tiles, whose ``HEADS * HEAD_DIM``
+    inner elements are contiguous in the cache.
+    """
+    seq = tl.program_id(0)
+    head = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)  # 0 for CUDA-graph padding: no tiles, zero output
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :]).to(tl.float32)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
+    kv_lo = split * tiles_per_split * BLOCK_N
+    kv_hi = tl.minimum(kv_lo + tiles_per_split * BLOCK_N, seq_len)
+
+    acc = tl.zeros([HEADS, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([HEADS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([HEADS], dtype=tl.float32)
+    bt_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_btb
+    inner = head[:, None] * HEAD_DIM + d[None, :]  # [HEADS, D]: contiguous in a token's row
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        kpos = start + tl.arange(0, BLOCK_N)
+        kmask = kpos < kv_hi
+        blk = tl.load(bt_row_ptr + (kpos // BLOCK_SIZE) * stride_btn, mask=kmask, other=0).to(tl.int64)
+        tok_off = blk * stride_cb + (kpos % BLOCK_SIZE) * stride_co
+        kv_off = tok_off[:, None, None] + inner[None, :, :]
+        # other=0 matters: unwritten cache memory may hold NaN/inf, and 0 * NaN would poison P @ V.
+        k = tl.load(k_cache_ptr + kv_off, mask=kmask[:, None, None], other=0.0).to(tl.float32)
+        v = tl.load(v_cache_ptr + kv_off, mask=kmask[:, None, None], other=0.0).to(tl.float32)
+        s = tl.sum(k * q[None, :, :], 2) * qk_scale  # [BLOCK_N, HEADS]
+        s = tl.where(kmask[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[None, :])
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v, 0)
+        m_i = m_new
+    _store_decode(
+        acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, seq, head, head < num_heads, split, num_heads,
+        stride_ot, stride_oh, HEAD_DIM, NUM_SPLITS,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -558,29 +665,32 @@ def paged_attention_triton(
             part_ml = torch.empty(num_seqs, num_heads, splits, 2, dtype=torch.float32, device=q.device)
         else:  # unused by the kernel (NUM_SPLITS == 1 writes out directly)
             part_acc = part_ml = out
-        _decode_kernel[(num_seqs, num_kv_heads, splits)](
-            q,
-            k_cache,
-            v_cache,
-            out,
-            part_acc,
-            part_ml,
-            meta.seq_lens,
-            bt,
-            num_heads,
-            qk_scale,
-            *common,
-            GROUP=group,
-            GROUP_P=1 if group == 1 else max(16, triton.next_power_of_2(group)),
-            BLOCK_SIZE=block_size,
-            HEAD_DIM=head_dim,
-            BLOCK_N=cfg.block_n,
-            NUM_SPLITS=splits,
-            DOT_PRECISION=precision,
-            USE_DOT=group > 1,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
+        args = (q, k_cache, v_cache, out, part_acc, part_ml, meta.seq_lens, bt, num_heads, qk_scale, *common)
+        if group == 1:
+            heads = _mha_heads_per_program(cfg.block_m, num_heads)
+            _decode_mha_kernel[(num_seqs, num_heads // heads, splits)](
+                *args,
+                HEADS=heads,
+                BLOCK_SIZE=block_size,
+                HEAD_DIM=head_dim,
+                BLOCK_N=cfg.block_n,
+                NUM_SPLITS=splits,
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+            )
+        else:
+            _decode_kernel[(num_seqs, num_kv_heads, splits)](
+                *args,
+                GROUP=group,
+                GROUP_P=max(16, triton.next_power_of_2(group)),
+                BLOCK_SIZE=block_size,
+                HEAD_DIM=head_dim,
+                BLOCK_N=cfg.block_n,
+                NUM_SPLITS=splits,
+                DOT_PRECISION=precision,
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+            )
         if splits > 1:
             _decode_reduce_kernel[(num_seqs, num_heads)](
                 part_acc,

@@ -233,7 +233,7 @@ def sweep(w: Workload, args: argparse.Namespace) -> list[dict[str, Any]]:
         base = decode_num_splits(w.batch, w.k_caches[0].shape[2], w.ctx, w.q.device, group)
         variants = [
             {"config": KernelConfig(bm, bn, nw, 2), "num_splits": s}
-            for bm, bn, nw, s in itertools.product((2, 4, 8), (16, 32), (4, 8), sorted({1, base, 2 * base}))
+            for bm, bn, nw, s in itertools.product((1, 2, 4), (32, 64), (4, 8), sorted({1, 2, base}))
         ]
     elif w.kind == "decode":
         base = decode_num_splits(w.batch, w.k_caches[0].shape[2], w.ctx, w.q.device)

@@ -540,24 +540,38 @@ def _decode_mha_kernel(
     l_i = tl.zeros([HEADS], dtype=tl.float32)
     bt_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_btb
     inner = head[:, None] * HEAD_DIM + d[None, :]  # [HEADS, D]: contiguous in a token's row
+    ar = tl.arange(0, BLOCK_N)
+    # Software pipelining by hand (Triton's pipeliner only stages loads that feed tl.dot): a tile's
+    # K/V are loaded one iteration before they are used and its block ids two, so each iteration's
+    # loads are in flight while the previous tile is computed. Masked-off loads cost no traffic.
+    # other=0 matters: unwritten cache memory may hold NaN/inf, and 0 * NaN would poison P @ V.
+    pos = kv_lo + ar
+    blk = tl.load(bt_row_ptr + (pos // BLOCK_SIZE) * stride_btn, mask=pos < kv_hi, other=0).to(tl.int64)
+    off = (blk * stride_cb + (pos % BLOCK_SIZE) * stride_co)[:, None, None] + inner[None, :, :]
+    k = tl.load(k_cache_ptr + off, mask=(pos < kv_hi)[:, None, None], other=0.0)
+    v = tl.load(v_cache_ptr + off, mask=(pos < kv_hi)[:, None, None], other=0.0)
+    pos = pos + BLOCK_N
+    blk = tl.load(bt_row_ptr + (pos // BLOCK_SIZE) * stride_btn, mask=pos < kv_hi, other=0).to(tl.int64)
     for start in range(kv_lo, kv_hi, BLOCK_N):
-        kpos = start + tl.arange(0, BLOCK_N)
-        kmask = kpos < kv_hi
-        blk = tl.load(bt_row_ptr + (kpos // BLOCK_SIZE) * stride_btn, mask=kmask, other=0).to(tl.int64)
-        tok_off = blk * stride_cb + (kpos % BLOCK_SIZE) * stride_co
-        kv_off = tok_off[:, None, None] + inner[None, :, :]
-        # other=0 matters: unwritten cache memory may hold NaN/inf, and 0 * NaN would poison P @ V.
-        k = tl.load(k_cache_ptr + kv_off, mask=kmask[:, None, None], other=0.0).to(tl.float32)
-        v = tl.load(v_cache_ptr + kv_off, mask=kmask[:, None, None], other=0.0).to(tl.float32)
-        s = tl.sum(k * q[None, :, :], 2) * qk_scale  # [BLOCK_N, HEADS]
-        s = tl.where(kmask[:, None], s, float("-inf"))
+        kpos = start + ar
+        npos = kpos + BLOCK_N
+        nmask = (npos < kv_hi)[:, None, None]
+        noff = (blk * stride_cb + (npos % BLOCK_SIZE) * stride_co)[:, None, None] + inner[None, :, :]
+        k_next = tl.load(k_cache_ptr + noff, mask=nmask, other=0.0)
+        v_next = tl.load(v_cache_ptr + noff, mask=nmask, other=0.0)
+        fpos = npos + BLOCK_N
+        blk = tl.load(bt_row_ptr + (fpos // BLOCK_SIZE) * stride_btn, mask=fpos < kv_hi, other=0).to(tl.int64)
+
+        s = tl.sum(k.to(tl.float32) * q[None, :, :], 2) * qk_scale  # [BLOCK_N, HEADS]
+        s = tl.where((kpos < kv_hi)[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(s - m_ref[None, :])
         l_i = l_i * alpha + tl.sum(p, 0)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v, 0)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32), 0)
         m_i = m_new
+        k, v = k_next, v_next
     _store_decode(
         acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, seq, head, head < num_heads, split, num_heads,
         stride_ot, stride_oh, HEAD_DIM, NUM_SPLITS,

@@ -17,10 +17,10 @@ table token by token, scores and softmax in fp32, online softmax in the log2 dom
 * **decode** (every sequence has exactly one query token): one program per (sequence, KV head,
   split); the split dimension is flash-decoding (split-K over the context) so that a few long
   sequences still fill the GPU, followed by a small reduction kernel when ``num_splits > 1``.
-  Without GQA (``num_heads == num_kv_heads``) a program instead takes ``block_m`` adjacent heads of
-  one sequence (:func:`_decode_mha_kernel`): a head's slice of a cached token is only
-  ``head_dim`` elements, so reading several heads per token makes each gathered row
-  ``block_m * head_dim`` contiguous elements and shares the block-table lookups.
+  Without GQA (``num_heads == num_kv_heads``) there is no tile to share between heads, so
+  :func:`_decode_mha_kernel` multiplies and reduces in registers and pipelines its own loads (each
+  tile's K/V issued one iteration ahead); a program may take ``block_m`` adjacent heads, though one
+  head per program measured fastest.
 
 Nothing reads device values on the host: grids come from ``T``, ``B`` and ``max_seq_len`` (host copies
 in :class:`~loraserve.ops.attention.AttentionMeta`), loop bounds from device ``seq_lens`` / ``query_start``.
@@ -90,8 +90,9 @@ def general_config(group: int, max_query_len: int, dtype: torch.dtype) -> Kernel
     return KernelConfig(block_m=max(64, triton.next_power_of_2(group)), block_n=32, num_warps=4, num_stages=2)
 
 
-# Heads per program of the decode kernel without GQA (its ``block_m``).
-_MHA_DECODE_HEADS = 4
+# Heads per program of the decode kernel without GQA (its ``block_m``). The H200 sweep
+# (benchmarks/RESULTS.md) found one head with 64-key tiles fastest once loads are pipelined.
+_MHA_DECODE_HEADS = 1
 
 
 def decode_config(dtype: torch.dtype, group: int = 2) -> KernelConfig:
@@ -101,7 +102,7 @@ def decode_config(dtype: torch.dtype, group: int = 2) -> KernelConfig:
     ``block_n`` keys: its K and V tiles are ``[block_n, heads, head_dim]``.
     """
     if group == 1:
-        return KernelConfig(block_m=_MHA_DECODE_HEADS, block_n=16, num_warps=4, num_stages=2)
+        return KernelConfig(block_m=_MHA_DECODE_HEADS, block_n=64, num_warps=4, num_stages=2)
     if dtype == torch.float32:
         return KernelConfig(block_m=16, block_n=16, num_warps=8, num_stages=2)
     return KernelConfig(block_m=16, block_n=64, num_warps=8, num_stages=2)

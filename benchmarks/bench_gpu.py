@@ -303,6 +303,20 @@ def run_peft(args, prompts, out_lens) -> dict:
     print(f"peft: model and {args.peft_adapters} adapters built in {build_s:.1f} s", flush=True)
     n = args.peft_requests
     sub_p, sub_o = prompts[:n], out_lens[:n]
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Progress(StoppingCriteria):
+        """Never stops; prints the decode rate so a run cut short by a time limit still says something."""
+
+        def __init__(self) -> None:
+            self.steps = 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.steps += 1
+            if self.steps % 64 == 0:
+                print(f"peft: step {self.steps} at {time.perf_counter() - start:.1f} s", flush=True)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
     batch = args.peft_batch
     total_tokens, start = 0, time.perf_counter()
     for s in range(0, n, batch):
@@ -323,6 +337,7 @@ def run_peft(args, prompts, out_lens) -> dict:
                 do_sample=False,
                 pad_token_id=0,
                 adapter_names=[f"p{(s + j) % args.peft_adapters}" for j in range(len(ps))],
+                stopping_criteria=StoppingCriteriaList([Progress()]),
             )
         total_tokens += sum(os_)  # tokens the requests asked for; peft runs each batch to its longest
         print(f"peft: batch of {len(ps)} done at {time.perf_counter() - start:.1f} s", flush=True)

@@ -18,13 +18,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from loraserve.config import ModelConfig
+from loraserve.lora import adapter as adapter_module
 from loraserve.lora.adapter import (
     LORA_MODULES,
     AdapterError,
     LoRAModelSpec,
     LoRAWeights,
     load_adapter,
+    read_adapter,
 )
+from loraserve.lora.pool import kind_shapes, pack_adapter
+from loraserve.model.llama import LORA_LAYER_SLICES
 from loraserve.testing import make_peft_adapter, make_tiny_model, write_adapter_config
 
 ST = "adapter_model.safetensors"
@@ -618,3 +623,186 @@ def test_refuses_regex_with_layers_to_transform(
     d = copy_adapter(env["regex"], tmp_path)
     write_adapter_config(d, layers_to_transform=[1])
     refused(d, spec, "cannot be used with a regex")
+
+
+# --- the serving read path: one read, packing from the file's bytes, parallel I/O ----------------
+
+
+def write_raw_safetensors(
+    path: Path, tensors: list[tuple[str, str, list[int], bytes]], **edit: object
+) -> None:
+    """A safetensors file written by hand, tensors in the given order (``edit`` overrides header fields)."""
+    header: dict[str, object] = {}
+    offset = 0
+    for key, dtype, shape, data in tensors:
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    header.update(edit)
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(t[3] for t in tensors))
+
+
+def float32_pack(w: LoRAWeights, cfg: ModelConfig, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The pool layout computed the plain way: float32 zeros, each module written in, one final cast."""
+    out = []
+    for kind, (in_f, outs) in kind_shapes(cfg).items():
+        mods = LORA_LAYER_SLICES[kind]
+        a = torch.zeros(cfg.num_layers, w.rank, len(mods), in_f)
+        bs = [torch.zeros(cfg.num_layers, w.rank, o) for o in outs]
+        for (layer, name), m in w.modules.items():
+            if name in mods:
+                s, rank = mods.index(name), m.a.shape[0]
+                a[layer, :rank, s] = m.a
+                bs[s][layer, :rank] = (m.b * m.scale).T
+        out += [a.to(dtype), *(b.to(dtype) for b in bs)]
+    return out
+
+
+@pytest.mark.parametrize("file_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, "mixed"])
+@pytest.mark.parametrize("adapter", ["patterns", "layers"])
+def test_packing_from_file_bytes_equals_float32_packing(
+    env: dict[str, Path], spec: LoRAModelSpec, tmp_path: Path, adapter: str, file_dtype: object
+) -> None:
+    """Whatever the file's dtype, packing straight from its bytes gives bit for bit what float32
+    weights give (scale in float32, one rounding), with zero rows for rank patterns and absent modules."""
+    d = copy_adapter(env[adapter], tmp_path)
+    tensors = load_file(d / ST)
+    for i, key in enumerate(sorted(tensors)):
+        # "mixed": every other tensor in bfloat16 (the per-tensor path of pack_adapter).
+        to = (torch.bfloat16 if i % 2 else torch.float32) if file_dtype == "mixed" else file_dtype
+        tensors[key] = tensors[key].to(to)
+    save_file(tensors, d / ST)
+    cfg = ModelConfig.from_dir(env["base"])
+    stored = read_adapter(d, spec, max_rank=64)
+    reference = load_adapter(d, spec, max_rank=64)
+    assert stored.content_hash == reference.content_hash and stored.nbytes == reference.nbytes
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        packed = pack_adapter(stored, cfg, dtype)
+        expected = float32_pack(reference, cfg, dtype)
+        assert packed.rank == reference.rank
+        assert all(torch.equal(p, e) for p, e in zip(packed.tensors(), expected, strict=True)), dtype
+        from_fp32 = pack_adapter(reference, cfg, dtype)
+        assert all(torch.equal(p, e) for p, e in zip(from_fp32.tensors(), expected, strict=True)), dtype
+
+
+def test_parallel_read_and_hash_equal_inline(
+    env: dict[str, Path], spec: LoRAModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Splitting the read, the hash and the byte moves over the I/O threads changes nothing."""
+    cfg = ModelConfig.from_dir(env["base"])
+    inline = read_adapter(env["patterns"], spec, max_rank=64)
+    inline_packed = pack_adapter(inline, cfg, torch.float32)
+    monkeypatch.setattr(adapter_module, "_PARALLEL_GRAIN", 1)
+    monkeypatch.setattr(adapter_module, "_IO_THREADS", 5)
+    split = read_adapter(env["patterns"], spec, max_rank=64)
+    assert split.content_hash == inline.content_hash
+    for loc, m in inline.modules.items():
+        assert torch.equal(split.modules[loc].a, m.a) and torch.equal(split.modules[loc].b, m.b)
+    split_packed = pack_adapter(split, cfg, torch.float32)
+    assert all(
+        torch.equal(p, q) for p, q in zip(split_packed.tensors(), inline_packed.tensors(), strict=True)
+    )
+
+
+def test_header_checks_come_before_reading_weights(
+    env: dict[str, Path], spec: LoRAModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_reads(*args: object) -> int:
+        raise AssertionError("weights read before the header was validated")
+
+    monkeypatch.setattr(adapter_module.os, "preadv", no_reads)
+    refused(env["plain"], spec, "exceeds max_lora_rank=4", max_rank=4)
+    other = LoRAModelSpec(num_layers=2, shapes={**spec.shapes, "q_proj": (32, 64)})
+    refused(env["plain"], other, "different model")
+
+
+def test_misaligned_tensor_data(tmp_path: Path) -> None:
+    """Other writers need not align tensor data; such a tensor is copied rather than viewed."""
+    d = tmp_path / "odd"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 2, "target_modules": ["q_proj"]})
+    )
+    a = torch.tensor([[1.5, -2.0, 0.25]], dtype=torch.float16)  # 6 bytes: B starts at byte 6
+    b = torch.tensor([[3.0], [-1.0], [0.5], [2.0], [7.0]], dtype=torch.float32)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    write_raw_safetensors(
+        d / ST,
+        [
+            (f"{prefix}.lora_A.weight", "F16", [1, 3], a.numpy().tobytes()),
+            (f"{prefix}.lora_B.weight", "F32", [5, 1], b.numpy().tobytes()),
+        ],
+    )
+    spec = LoRAModelSpec(num_layers=1, shapes={"q_proj": (3, 5)})
+    w = load_adapter(d, spec, max_rank=4)
+    assert torch.equal(w.modules[(0, "q_proj")].a, a.float()) and torch.equal(w.modules[(0, "q_proj")].b, b)
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        ({"offsets": [0, 10]}, "needs 512 bytes but its data_offsets span 10"),
+        ({"offsets": [512, 1024]}, "starts at data byte 512"),
+        ({"shape": "x"}, "malformed header entry"),
+        ({"header": [1, 2]}, "not a JSON object"),
+        ({"header_len": 1 << 40}, "runs past the end of the file"),
+        ({"extra_data": b"\0" * 16}, "describes 1536 bytes of tensor data but the file holds 1552"),
+    ],
+)
+def test_refuses_malformed_safetensors_header(
+    env: dict[str, Path], spec: LoRAModelSpec, tmp_path: Path, edit: dict[str, object], fragment: str
+) -> None:
+    d = copy_adapter(
+        env["subset"], tmp_path
+    )  # k_proj of 2 layers, rank 2: A [2, 64] and B [32, 2], 1536 bytes in all
+    tensors = load_file(d / ST)
+    first = sorted(tensors)[0]
+    entries = [(k, "F32", list(v.shape), v.numpy().tobytes()) for k, v in sorted(tensors.items())]
+    write_raw_safetensors(d / ST, entries)
+    raw = (d / ST).read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])
+    data = raw[8 + header_len :]
+    if "offsets" in edit:
+        header[first]["data_offsets"] = edit["offsets"]
+    if "shape" in edit:
+        header[first]["shape"] = edit["shape"]
+    if "header" in edit:
+        header = edit["header"]
+    data += edit.get("extra_data", b"")  # type: ignore[operator]
+    text = json.dumps(header).encode()
+    length = edit.get("header_len", len(text))
+    (d / ST).write_bytes(int(length).to_bytes(8, "little") + text + data)  # type: ignore[call-overload]
+    err = refused(d, spec, "cannot read adapter_model.safetensors", fragment)
+    assert err.__cause__ is not None
+
+
+def test_refuses_dtype_torch_lacks(env: dict[str, Path], spec: LoRAModelSpec, tmp_path: Path) -> None:
+    d = copy_adapter(env["subset"], tmp_path)
+    tensors = load_file(d / ST)
+    entries = [
+        (k, "F8_E8M0" if i == 0 else "F32", list(v.shape), v.numpy().tobytes())
+        for i, (k, v) in enumerate(sorted(tensors.items()))
+    ]
+    write_raw_safetensors(d / ST, entries)
+    refused(d, spec, "has dtype F8_E8M0", "only float32")
+
+
+@pytest.mark.parametrize("value", [7e4, 4e4])  # above float16's max; only once scaled by 2
+def test_packing_refuses_overflow_of_the_serving_dtype(
+    env: dict[str, Path], spec: LoRAModelSpec, tmp_path: Path, value: float
+) -> None:
+    """Finite in the file (and float32), but not in float16: refused when packed, naming the tensor."""
+    d = copy_adapter(env["subset"], tmp_path)  # scale 2
+    key = "base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"
+
+    def big(t: dict[str, torch.Tensor]) -> None:
+        t[key][3, 1] = value
+
+    edit_tensors(d, big)
+    stored = read_adapter(d, spec, max_rank=8, name="bad")
+    cfg = ModelConfig.from_dir(env["base"])
+    pack_adapter(stored, cfg, torch.bfloat16)  # fits bfloat16
+    with pytest.raises(AdapterError, match="overflows float16 once scaled by 2") as info:
+        pack_adapter(stored, cfg, torch.float16)
+    assert key in str(info.value) and "adapter 'bad'" in str(info.value)

@@ -53,6 +53,12 @@ def _inf(tensors):
     tensors[key][0, 0] = float("inf")
 
 
+def _huge(tensors):
+    """Finite in the file, but not once B is scaled (rs4's scale is 4) in the serving float32."""
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key][0, 0] = 3e38
+
+
 def _make_bad(kind: str, llama: dict[str, Path], root: Path) -> Path:
     base = llama["base"]
     if kind == "other_base_model":
@@ -84,6 +90,8 @@ def _make_bad(kind: str, llama: dict[str, Path], root: Path) -> Path:
         _edit_tensors(bad, _nan)
     elif kind == "inf_weights":
         _edit_tensors(bad, _inf)
+    elif kind == "overflow_once_scaled":
+        _edit_tensors(bad, _huge)
     else:
         raise AssertionError(kind)
     return bad
@@ -103,6 +111,7 @@ CASES = {
     "corrupt_config": "adapter_config.json",
     "nan_weights": "NaN",
     "inf_weights": "Inf",
+    "overflow_once_scaled": "overflows float32 once scaled by 4",
 }
 
 

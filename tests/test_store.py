@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from loraserve.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
+from loraserve.lora import adapter as adapter_module
 from loraserve.lora.adapter import AdapterError
 from loraserve.lora.pool import DeviceLoRAPool, apply_memory_budget, kv_block_bytes, row_bytes
 from loraserve.lora.prefetch import HostLoader
@@ -174,6 +175,29 @@ def test_prefetch_reads_in_queue_order_and_within_host_room(model, adapters):
     # full of adapters needed before a2, which is not read.
     assert order == ["a4", "a1", "a5", "a0"]
     assert {x.name for x in store.host} == {"a1", "a5", "a0"} and e[4] in store.pool
+    store.close()
+
+
+def test_concurrent_reads_split_over_the_shared_io_threads(model, adapters, monkeypatch):
+    """Reads on two reader threads at once, each split over the shared I/O threads, give exactly
+    what one read at a time gives: the same identity and the same packed bytes."""
+    names = ("a0", "a1", "a2", "r4")
+    eager = make_store(model, rows=64, max_cpu_loras=8)
+    expected = {name: eager.register(name, adapters[name]) for name in names}
+    monkeypatch.setattr(adapter_module, "_PARALLEL_GRAIN", 1)
+    monkeypatch.setattr(adapter_module, "_IO_THREADS", 3)
+    store = make_store(model, rows=64, max_cpu_loras=8, workers=2)
+    lazy = [store.register(name, adapters[name], lazy=True) for name in names]
+    store.set_demand(lazy)
+    store.prefetch()
+    while store.num_loading:
+        store.wait_for_progress(1.0)
+        store.prefetch()
+    for entry in lazy:
+        want = expected[entry.name]
+        assert entry.content_hash == want.content_hash and entry.packed_nbytes == want.packed_nbytes
+        got, ref = store.host[entry].tensors(), eager.host[want].tensors()
+        assert all(torch.equal(g, r) for g, r in zip(got, ref, strict=True))
     store.close()
 
 

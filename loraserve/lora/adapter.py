@@ -1,12 +1,20 @@
-"""Read and validate a PEFT LoRA adapter directory into float32 CPU tensors.
+"""Read and validate a PEFT LoRA adapter directory.
 
 An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or the
 legacy pickled ``adapter_model.bin``), as written by ``peft``'s ``save_pretrained``. This module
-turns it into a :class:`LoRAWeights`: per ``(layer, projection)`` the ``A`` and ``B`` matrices and
-the scale ``peft`` would apply, after checking that the adapter fits the base model and uses no
-feature the engine does not implement. Every refusal is an :class:`AdapterError` whose message
-names the adapter, what is wrong and why, because it ends up in front of the user who asked to
-load the adapter.
+checks that the adapter fits the base model and uses no feature the engine does not implement,
+and gives per ``(layer, projection)`` the ``A`` and ``B`` matrices and the scale ``peft`` would
+apply, in one of two forms:
+
+* :func:`read_adapter` -> :class:`StoredAdapter`, the serving path: the tensors as the file stores
+  them, views of one buffer the file is read into once (after everything the header shows has
+  been validated), with the content hash computed on shared I/O threads meanwhile. The store packs
+  it straight into the pool layout (``loraserve.lora.pool.pack_adapter``).
+* :func:`load_adapter` -> :class:`LoRAWeights`: float32 copies, for references, tests and
+  adapters built in memory.
+
+Every refusal is an :class:`AdapterError` whose message names the adapter, what is wrong and why,
+because it ends up in front of the user who asked to load the adapter.
 
 The config is interpreted with ``peft``'s own rules (``peft.tuners.tuners_utils.
 check_target_module_exists`` for ``target_modules``/``exclude_modules``/``layers_to_transform``,
@@ -16,22 +24,29 @@ because ``peft`` is not a runtime dependency of the engine.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 import torch
-from safetensors.torch import load_file
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+X = TypeVar("X")
 
 LORA_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -117,9 +132,40 @@ class LoRAModuleWeights:
         return self.a.shape[0]
 
 
+class _AdapterModules:
+    """What :class:`LoRAWeights` and :class:`StoredAdapter` share: per-module weights and their summaries.
+
+    ``modules`` maps ``(layer_index, module_name)`` to objects with ``a`` (``[r, in]``), ``b``
+    (``[out, r]``) and ``scale``, in model order (layer, then :data:`LORA_MODULES` order).
+    """
+
+    name: str
+    path: str
+    modules: Mapping[tuple[int, str], Any]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all ``a`` and ``b`` tensors as float32 (the adapter's size as the store reports it)."""
+        return sum(4 * (w.a.numel() + w.b.numel()) for w in self.modules.values())
+
+    @property
+    def target_modules(self) -> frozenset[str]:
+        """The projection names that have LoRA weights in at least one layer."""
+        return frozenset(module for _, module in self.modules)
+
+    @property
+    def where(self) -> str:
+        """How messages name the adapter: ``adapter 'name' (path)``."""
+        return f"adapter {self.name!r} ({self.path})"
+
+    def tensor_name(self, loc: tuple[int, str], ab: str) -> str:
+        """How messages name module ``loc``'s ``lora_A``/``lora_B`` (``ab`` is ``"A"`` or ``"B"``)."""
+        return f"{_short_name(*loc)}.lora_{ab}"
+
+
 @dataclass(frozen=True, eq=False)
-class LoRAWeights:
-    """A validated adapter: every module's weights and scale, ready to be copied into a device pool.
+class LoRAWeights(_AdapterModules):
+    """A validated adapter: every module's float32 weights and scale, ready to be packed into a pool.
 
     ``modules`` is keyed by ``(layer_index, module_name)``. ``content_hash`` identifies what the
     adapter computes (see :func:`hash_adapter`): equal hashes mean interchangeable adapters, so it
@@ -132,15 +178,46 @@ class LoRAWeights:
     modules: Mapping[tuple[int, str], LoRAModuleWeights]
     content_hash: str
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of all ``a`` and ``b`` tensors (what the adapter occupies in host memory)."""
-        return sum(w.a.nbytes + w.b.nbytes for w in self.modules.values())
+
+@dataclass(frozen=True, eq=False)
+class StoredModule:
+    """One projection's LoRA as the weights file stores it: ``delta(x) = scale * (x @ a.T) @ b.T``.
+
+    ``a`` (``[r, in]``) and ``b`` (``[out, r]``) keep the file's dtype and are views of the one
+    buffer the file was read into; ``a_key``/``b_key`` are their names in the file.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    a_key: str
+    b_key: str
+
+
+@dataclass(frozen=True, eq=False)
+class StoredAdapter(_AdapterModules):
+    """A validated adapter as stored on disk (see :func:`read_adapter`): no float32 copy is made.
+
+    Every check that needs no weight value has passed; finiteness is checked where the weights are
+    converted (:func:`load_adapter`, or ``pack_adapter`` in the serving dtype). The content hash is
+    computed on the shared I/O threads while the caller packs; :attr:`content_hash` waits for it.
+    """
+
+    name: str
+    path: str
+    rank: int
+    modules: Mapping[tuple[int, str], StoredModule]
+    hash_result: Callable[[], str] = field(repr=False)
 
     @property
-    def target_modules(self) -> frozenset[str]:
-        """The projection names that have LoRA weights in at least one layer."""
-        return frozenset(module for _, module in self.modules)
+    def content_hash(self) -> str:
+        """The adapter's identity (see :func:`hash_adapter`); blocks until hashing is done."""
+        return self.hash_result()
+
+    def tensor_name(self, loc: tuple[int, str], ab: str) -> str:
+        """The name the weights file gives module ``loc``'s ``lora_A``/``lora_B``."""
+        module = self.modules[loc]
+        return module.a_key if ab == "A" else module.b_key
 
 
 @dataclass(frozen=True)
@@ -412,32 +489,233 @@ def _check_targets_supported(target_modules: str | frozenset[str], where: str) -
             )
 
 
-def _read_tensors(path: Path, where: str) -> dict[str, torch.Tensor]:
-    """Read the weights file, preferring safetensors as peft does; any parse failure is refused."""
+# --- reading the weights file ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _TensorMeta:
+    """A tensor as the weights file's header describes it (no data read)."""
+
+    # A dtype torch has no type for stays a string (the safetensors name), refused by name later.
+    dtype: torch.dtype | str
+    shape: tuple[int, ...]
+
+
+# safetensors dtype names -> torch dtypes; only the float ones get past validation.
+_SAFETENSORS_DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
+    {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+)
+
+# Work of one adapter is split across the shared I/O threads in runs of at least this many bytes,
+# so that small adapters are read, hashed and packed inline, without hand-offs.
+_PARALLEL_GRAIN = 4 << 20
+
+# Threads for byte-level work: the CPUs this process may use, at most 8, which read, hash and
+# pack 80 MB in a few milliseconds each on a server.
+_IO_THREADS = max(
+    1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+)
+
+
+def _new_io_pool() -> ThreadPoolExecutor:
+    """The threads shared by every adapter read for byte-level work (started on first use)."""
+    return ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="lora-io")
+
+
+_io_pool = _new_io_pool()
+
+
+def _reset_io_pool() -> None:
+    # A forked child has none of the parent's threads, but its copy of the pool believes it has.
+    global _io_pool
+    _io_pool = _new_io_pool()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_io_pool)
+
+
+def in_io_threads(
+    fn: Callable[[Sequence[X]], T], items: Sequence[X], sizes: Sequence[int]
+) -> list[Future[T]]:
+    """Start ``fn`` on consecutive runs of ``items`` of about equal bytes (``sizes``), on the I/O threads.
+
+    Futures in run order (none for no items): at most ``_IO_THREADS`` runs of at least
+    ``_PARALLEL_GRAIN`` bytes; a single run (small work, or one CPU) runs inline and is done on
+    return. ``fn`` must release the GIL for most of its time (file reads, hashlib on large
+    buffers, numpy copies) -- that is what makes the threads parallel -- and must not run torch
+    kernels, whose own thread pool would then be entered from many threads at once; and it must
+    not wait on other runs, so that reads in flight on several reader threads cannot deadlock the
+    shared threads.
+    """
+    if not items:
+        return []
+    ends = list(itertools.accumulate(sizes))
+    total = ends[-1]
+    pieces = max(1, min(_IO_THREADS, total // _PARALLEL_GRAIN))
+    if pieces == 1:
+        done: Future[T] = Future()
+        done.set_result(fn(items))
+        return [done]
+    # Run k takes the items that end in (k/pieces, (k+1)/pieces] of the bytes.
+    cuts = [0, *(bisect.bisect_right(ends, total * k // pieces) for k in range(1, pieces)), len(items)]
+    return [_io_pool.submit(fn, items[lo:hi]) for lo, hi in itertools.pairwise(cuts) if lo < hi]
+
+
+def _parse_safetensors_header(f: BinaryIO, size: int) -> tuple[dict[str, tuple[_TensorMeta, int, int]], int]:
+    """The tensors of an open safetensors file: ``name -> (meta, begin, end)``, plus where data starts.
+
+    ``begin``/``end`` are byte offsets into the data section. Raises ValueError for whatever the
+    format forbids (the rules the safetensors library enforces): a header running past the end of
+    the file, a malformed entry, a byte span that does not match dtype and shape, and tensor data
+    that does not tile the data section exactly (gaps, overlaps, a truncated file).
+    """
+    if size < 8:
+        raise ValueError(f"the file has {size} bytes, fewer than the 8-byte header length")
+    header_len = int.from_bytes(f.read(8), "little")
+    if header_len > size - 8:
+        raise ValueError(f"the header length {header_len} runs past the end of the file ({size} bytes)")
+    header = json.loads(f.read(header_len))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    entries: dict[str, tuple[_TensorMeta, int, int]] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (TypeError, KeyError, ValueError) as e:
+            raise ValueError(f"tensor {key!r} has a malformed header entry {info!r}") from e
+        if not (
+            isinstance(dtype_name, str)
+            and isinstance(shape, list)
+            and all(_is_int(d) and d >= 0 for d in shape)
+            and _is_int(begin)
+            and _is_int(end)
+            and 0 <= begin <= end
+        ):
+            raise ValueError(f"tensor {key!r} has a malformed header entry {info!r}")
+        dtype = _SAFETENSORS_DTYPES.get(dtype_name, dtype_name)
+        if isinstance(dtype, torch.dtype) and end - begin != math.prod(shape) * dtype.itemsize:
+            raise ValueError(
+                f"tensor {key!r} ({dtype_name} {shape}) needs {math.prod(shape) * dtype.itemsize} bytes "
+                f"but its data_offsets span {end - begin}"
+            )
+        entries[key] = (_TensorMeta(dtype, tuple(shape)), begin, end)
+    data_len = size - 8 - header_len
+    cursor = 0
+    for key, (_, begin, end) in sorted(entries.items(), key=lambda item: item[1][1:]):
+        if begin != cursor:
+            raise ValueError(
+                f"tensor {key!r} starts at data byte {begin}, not where the previous ended ({cursor})"
+            )
+        cursor = end
+    if cursor != data_len:
+        raise ValueError(f"the header describes {cursor} bytes of tensor data but the file holds {data_len}")
+    return entries, 8 + header_len
+
+
+def _read_safetensors_data(
+    fd: int, entries: Mapping[str, tuple[_TensorMeta, int, int]], offset: int, nbytes: int, pin: bool
+) -> dict[str, torch.Tensor]:
+    """Read the data section once into one buffer, in parallel pieces, and view each tensor in it.
+
+    A private copy rather than a memory map: the tensors, their hash and the packed copy all come
+    from the same bytes even if the file is rewritten meanwhile, and a file truncated under the
+    reader is a refusal rather than a SIGBUS. ``pin`` takes the buffer from torch's caching host
+    allocator (CUDA only), which hands a finished read's buffer to the next one: fresh memory
+    would cost a page fault per 4 KiB, tens of milliseconds for a 7B-sized adapter. Raises
+    ValueError when the file ends early.
+    """
+    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    view = memoryview(buf.numpy())
+    spans = sorted((begin, end) for _, begin, end in entries.values())  # they tile [0, nbytes)
+
+    def read(run: Sequence[tuple[int, int]]) -> None:
+        lo, hi = run[0][0], run[-1][1]
+        while lo < hi:
+            n = os.preadv(fd, [view[lo:hi]], offset + lo)
+            if n == 0:
+                raise ValueError(f"the file ended {hi - lo} bytes early (truncated while being read?)")
+            lo += n
+
+    runs = in_io_threads(read, spans, [end - begin for begin, end in spans])
+    wait(runs)  # all of them, even after a failure: none may outlive the file it reads
+    for run in runs:
+        run.result()
+    tensors = {}
+    for key, (meta, begin, end) in entries.items():
+        assert isinstance(meta.dtype, torch.dtype)  # validation refused every other dtype
+        raw = buf[begin:end]
+        if begin % meta.dtype.itemsize:
+            # A dtype view needs aligned data. The safetensors writer aligns every tensor, other
+            # writers need not: such a tensor gets its own (aligned) copy.
+            raw = raw.clone()
+        tensors[key] = raw.view(meta.dtype).view(meta.shape)
+    return tensors
+
+
+@contextmanager
+def _open_weights(
+    path: Path, where: str, pin: bool = False
+) -> Iterator[tuple[dict[str, _TensorMeta], Callable[[], dict[str, torch.Tensor]]]]:
+    """Open the weights file (safetensors preferred, as peft does): its tensors' metadata and a reader.
+
+    The metadata comes from the safetensors header alone, so the adapter can be validated before
+    any weight is read; the reader then reads the tensors from the same open file (into pinned
+    memory with ``pin``, see :func:`_read_safetensors_data`). Any parse failure is an
+    :class:`AdapterError`.
+    """
     st_path = path / SAFETENSORS_NAME
     bin_path = path / BIN_NAME
     if st_path.is_file():
+        problem = f"{where}: cannot read {SAFETENSORS_NAME} (corrupt or truncated?)"
         try:
-            tensors: Any = load_file(st_path, device="cpu")
-        except Exception as e:  # safetensors raises its own error type, OSError or ValueError
-            raise AdapterError(f"{where}: cannot read {SAFETENSORS_NAME} (corrupt or truncated?): {e}") from e
-    elif bin_path.is_file():
-        try:
-            # weights_only: a pickled adapter must not be able to run code in the server.
-            tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # unpickling raises many types (UnpicklingError, EOFError, RuntimeError...)
-            raise AdapterError(
-                f"{where}: cannot read {BIN_NAME} (corrupt, truncated or not a state dict?): {e}"
-            ) from e
-    else:
+            f = open(st_path, "rb")  # noqa: SIM115 - closed by the with below, past the yield
+        except OSError as e:
+            raise AdapterError(f"{problem}: {e}") from e
+        with f:
+            try:
+                entries, offset = _parse_safetensors_header(f, os.fstat(f.fileno()).st_size)
+            except (OSError, ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
+                raise AdapterError(f"{problem}: {e}") from e
+            nbytes = max((end for _, _, end in entries.values()), default=0)
+
+            def read() -> dict[str, torch.Tensor]:
+                try:
+                    return _read_safetensors_data(f.fileno(), entries, offset, nbytes, pin)
+                except (OSError, ValueError) as e:
+                    raise AdapterError(f"{problem}: {e}") from e
+
+            yield {key: meta for key, (meta, _, _) in entries.items()}, read
+        return
+    if not bin_path.is_file():
         raise AdapterError(
             f"{where}: no weights file; expected {SAFETENSORS_NAME} or {BIN_NAME} next to {CONFIG_NAME}"
         )
+    try:
+        # weights_only: a pickled adapter must not be able to run code in the server.
+        tensors: Any = torch.load(bin_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling raises many types (UnpicklingError, EOFError, RuntimeError...)
+        raise AdapterError(
+            f"{where}: cannot read {BIN_NAME} (corrupt, truncated or not a state dict?): {e}"
+        ) from e
     if not isinstance(tensors, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
     ):
         raise AdapterError(f"{where}: the weights file does not hold a flat mapping of names to tensors")
-    return tensors
+    yield {k: _TensorMeta(v.dtype, tuple(v.shape)) for k, v in tensors.items()}, lambda: tensors
 
 
 def _unsupported_tensor(key: str) -> str:
@@ -451,34 +729,91 @@ def _unsupported_tensor(key: str) -> str:
     return "it is not a LoRA A/B weight (trained base-model weights such as modules_to_save are not supported (yet))"
 
 
+# --- identity ----------------------------------------------------------------------------------
+
+
+def _start_hash(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Callable[[], str]:
+    """Start :func:`hash_adapter` on the shared I/O threads; the returned function waits for it.
+
+    The tensors must not change until the result has been taken.
+    """
+    names = sorted(tensors)
+    # A uint8 view gives the raw bytes for every dtype, bfloat16 included (numpy has none).
+    data = [tensors[n].detach().contiguous().reshape(-1).view(torch.uint8).numpy() for n in names]
+    runs = in_io_threads(
+        lambda run: [hashlib.sha256(d).digest() for d in run], data, [d.nbytes for d in data]
+    )
+
+    @functools.cache
+    def result() -> str:
+        h = hashlib.sha256(b"loraserve-adapter-v2\0")
+        h.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+        each = itertools.chain.from_iterable(run.result() for run in runs)
+        for name, digest in zip(names, each, strict=True):
+            t = tensors[name]
+            h.update(f"\0{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode() + digest)
+        return h.hexdigest()
+
+    return result
+
+
 def hash_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> str:
     """sha256 hex of an adapter's output-relevant content.
 
     ``config`` is the canonical config (JSON-serialisable; keys sorted here) and ``tensors`` maps
-    canonical tensor names to the tensors as stored on disk. Each tensor contributes its name,
-    dtype, shape and raw bytes, in name order; dtype and shape fix the byte length, so the stream
-    is unambiguous. The same content always hashes equal; any change of a byte, rank, alpha or
-    target changes it.
+    canonical tensor names to the tensors as stored on disk. Each tensor contributes, in name
+    order, its name, dtype, shape and the sha256 of its raw bytes (hashed in parallel); dtype and
+    shape fix the byte length and digests have a fixed length, so the stream is unambiguous. The
+    same content always hashes equal; any change of a byte, rank, alpha or target changes it.
     """
-    h = hashlib.sha256()
-    h.update(b"loraserve-adapter-v1\0")
-    h.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(f"\0{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
-        # A uint8 view gives the raw bytes for every dtype, bfloat16 included (numpy has none).
-        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
+    return _start_hash(config, tensors)()
 
 
-def load_adapter(
-    path: str | os.PathLike[str], spec: LoRAModelSpec, max_rank: int, name: str | None = None
-) -> LoRAWeights:
-    """Read ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``adapter_model.bin``).
+# --- validation and loading --------------------------------------------------------------------
 
-    ``name`` defaults to the directory name. Tensors are converted to float32. Raises
-    :class:`AdapterError` (and nothing else) when the adapter is unreadable, uses a feature the
-    engine does not implement, does not fit ``spec`` or has a rank above ``max_rank``.
+
+def _short_name(layer: int, module: str) -> str:
+    """A module's canonical path, ``layers.N.<parent>.<module>``, as messages and the hash name it."""
+    return f"layers.{layer}.{_PARENT[module]}.{module}"
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is finite.
+
+    One reduction pass with no temporary the size of ``t`` (``isfinite`` makes one, and is slow on
+    CPU for half types): NaN propagates through min and max, and an infinity is the min or max.
+    """
+    if t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def nonfinite_error(where: str, tensor: str, dtype: torch.dtype, scale: float | None = None) -> AdapterError:
+    """The refusal of an adapter whose tensor ``tensor`` is not finite once converted to ``dtype``."""
+    scaled = "" if scale is None else f" once scaled by {scale:g}"
+    return AdapterError(
+        f"{where}: tensor {tensor!r} contains NaN or Inf (or overflows {str(dtype).removeprefix('torch.')}"
+        f"{scaled}); the adapter is broken"
+    )
+
+
+def read_adapter(
+    path: str | os.PathLike[str],
+    spec: LoRAModelSpec,
+    max_rank: int,
+    name: str | None = None,
+    pin: bool = False,
+) -> StoredAdapter:
+    """Read and validate ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``.bin``) as stored.
+
+    ``name`` defaults to the directory name. Everything the config and the tensor header show is
+    checked before any weight is read; the weights file is then read once, into one buffer that
+    the returned tensors are views of (pinned with ``pin``: for CUDA hosts, where pinned buffers
+    are recycled), and its content hash starts on the shared I/O threads.
+    Raises :class:`AdapterError` (and nothing else) when the adapter is unreadable, uses a feature
+    the engine does not implement, does not fit ``spec`` or has a rank above ``max_rank``.
+    Finiteness is left to whoever converts the weights (see :class:`StoredAdapter`).
     """
     resolved = Path(path).expanduser().resolve()
     adapter_name = name if name is not None else resolved.name
@@ -496,40 +831,77 @@ def load_adapter(
         raise AdapterError(f"{where}: cannot parse {CONFIG_NAME}: {e}") from e
     config = _parse_config(raw_config, where)
 
-    tensors = _read_tensors(resolved, where)
-    modules, canonical_tensors = _build_modules(tensors, config, spec, max_rank, where)
-
-    weights = LoRAWeights(
+    with _open_weights(resolved, where, pin) as (metas, read):
+        plan = _plan_modules(metas, config, spec, max_rank, where)
+        tensors = read()
+    modules = {
+        loc: StoredModule(a=tensors[a_key], b=tensors[b_key], scale=scale, a_key=a_key, b_key=b_key)
+        for loc, (a_key, b_key, scale) in plan.items()
+    }
+    # Canonical names, so that the naming variants peft has used over time hash equal.
+    canonical = {
+        f"{_short_name(*loc)}.lora_{ab}": t
+        for loc, m in modules.items()
+        for ab, t in (("A", m.a), ("B", m.b))
+    }
+    stored = StoredAdapter(
         name=adapter_name,
         path=str(resolved),
-        rank=max(w.rank for w in modules.values()),
+        rank=max(m.a.shape[0] for m in modules.values()),
         modules=MappingProxyType(modules),
-        content_hash=hash_adapter(config.canonical(), canonical_tensors),
+        hash_result=_start_hash(config.canonical(), canonical),
     )
     logger.info(
-        "loaded adapter %r from %s: %d modules (%s), rank %d, %.2f MiB",
+        "read adapter %r from %s: %d modules (%s), rank %d, %.2f MiB as float32",
         adapter_name,
         resolved,
         len(modules),
-        ",".join(sorted(weights.target_modules)),
-        weights.rank,
-        weights.nbytes / 2**20,
+        ",".join(sorted(stored.target_modules)),
+        stored.rank,
+        stored.nbytes / 2**20,
     )
-    return weights
+    return stored
 
 
-def _build_modules(
-    tensors: Mapping[str, torch.Tensor], config: _Config, spec: LoRAModelSpec, max_rank: int, where: str
-) -> tuple[dict[tuple[int, str], LoRAModuleWeights], dict[str, torch.Tensor]]:
-    """Pair A and B per module, validate them against ``config`` and ``spec``, convert to float32.
+def load_adapter(
+    path: str | os.PathLike[str], spec: LoRAModelSpec, max_rank: int, name: str | None = None
+) -> LoRAWeights:
+    """Read ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``adapter_model.bin``).
 
-    Also returns the on-disk tensors under canonical names (``layers.N.<parent>.<module>.lora_A``),
-    so that the naming variants peft has used over time hash equal.
+    ``name`` defaults to the directory name. Tensors are converted to float32 (and must be finite
+    there). Raises :class:`AdapterError` (and nothing else) when the adapter is unreadable, uses a
+    feature the engine does not implement, does not fit ``spec`` or has a rank above ``max_rank``.
     """
-    # (layer, module) -> {"A"|"B": (key, tensor)}; plus the module path peft matches the config on.
-    pairs: dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]] = {}
+    stored = read_adapter(path, spec, max_rank, name)
+    modules: dict[tuple[int, str], LoRAModuleWeights] = {}
+    for loc, m in stored.modules.items():
+        a32 = m.a.to(torch.float32).contiguous()
+        b32 = m.b.to(torch.float32).contiguous()
+        for key, t in ((m.a_key, a32), (m.b_key, b32)):
+            if not all_finite(t):
+                raise nonfinite_error(stored.where, key, torch.float32)
+        modules[loc] = LoRAModuleWeights(a=a32, b=b32, scale=m.scale)
+    return LoRAWeights(
+        name=stored.name,
+        path=stored.path,
+        rank=stored.rank,
+        modules=MappingProxyType(modules),
+        content_hash=stored.content_hash,
+    )
+
+
+def _plan_modules(
+    metas: Mapping[str, _TensorMeta], config: _Config, spec: LoRAModelSpec, max_rank: int, where: str
+) -> dict[tuple[int, str], tuple[str, str, float]]:
+    """Pair A and B per module and validate them against ``config`` and ``spec`` from metadata alone.
+
+    Returns ``(layer, module) -> (lora_A key, lora_B key, scale)`` in model order (layer, then
+    :data:`LORA_MODULES` order), so that messages name the first offender.
+    """
+    # (layer, module) -> {"A"|"B": key}; plus the module path peft matches the config on.
+    pairs: dict[tuple[int, str], dict[str, str]] = {}
     module_keys: dict[tuple[int, str], str] = {}
-    for key in sorted(tensors):
+    for key in sorted(metas):
         match = _TENSOR_KEY_RE.match(key)
         if match is None:
             raise AdapterError(f"{where}: tensor {key!r} cannot be served: {_unsupported_tensor(key)}")
@@ -547,7 +919,7 @@ def _build_modules(
                 f"{', '.join(LORA_MODULES)} of the decoder layers can be adapted"
             )
         layer, module = int(loc.group("layer")), loc.group("module")
-        short = f"layers.{layer}.{_PARENT[module]}.{module}"
+        short = _short_name(layer, module)
         if module not in spec.shapes:
             raise AdapterError(
                 f"{where}: the adapter has weights for {short} but the base model has no {module} "
@@ -569,44 +941,44 @@ def _build_modules(
         slot = pairs.setdefault((layer, module), {})
         ab = match.group("ab")
         if ab in slot:
-            raise AdapterError(f"{where}: tensors {slot[ab][0]!r} and {key!r} are both lora_{ab} of {short}")
-        slot[ab] = (key, tensors[key])
+            raise AdapterError(f"{where}: tensors {slot[ab]!r} and {key!r} are both lora_{ab} of {short}")
+        slot[ab] = key
         module_keys[(layer, module)] = module_path
 
     if not pairs:
         raise AdapterError(f"{where}: the weights file holds no LoRA tensors (lora_A/lora_B)")
 
-    modules: dict[tuple[int, str], LoRAModuleWeights] = {}
-    canonical: dict[str, torch.Tensor] = {}
-    # Model order (layer, then LORA_MODULES order) so that messages name the first offender.
+    plan: dict[tuple[int, str], tuple[str, str, float]] = {}
+    ranks: dict[tuple[int, str], int] = {}
     for (layer, module), slot in sorted(
         pairs.items(), key=lambda item: (item[0][0], LORA_MODULES.index(item[0][1]))
     ):
-        short = f"layers.{layer}.{_PARENT[module]}.{module}"
+        short = _short_name(layer, module)
         missing = [f"lora_{ab}" for ab in ("A", "B") if ab not in slot]
         if missing:
             raise AdapterError(f"{where}: {short} has no {missing[0]} tensor; the weights file is incomplete")
-        (a_key, a), (b_key, b) = slot["A"], slot["B"]
-        for key, t in ((a_key, a), (b_key, b)):
-            if t.dtype not in _SUPPORTED_DTYPES:
+        a_key, b_key = slot["A"], slot["B"]
+        for key in (a_key, b_key):
+            if metas[key].dtype not in _SUPPORTED_DTYPES:
                 raise AdapterError(
-                    f"{where}: tensor {key!r} has dtype {t.dtype}; only float32, float16, bfloat16 "
-                    "(and float64) weights are supported"
+                    f"{where}: tensor {key!r} has dtype {metas[key].dtype}; only float32, float16, "
+                    "bfloat16 (and float64) weights are supported"
                 )
-            if t.dim() != 2:
+            if len(metas[key].shape) != 2:
                 raise AdapterError(
-                    f"{where}: tensor {key!r} has shape {list(t.shape)}; LoRA weights are matrices"
+                    f"{where}: tensor {key!r} has shape {list(metas[key].shape)}; LoRA weights are matrices"
                 )
+        a_shape, b_shape = metas[a_key].shape, metas[b_key].shape
         in_features, out_features = spec.shapes[module]
-        rank = a.shape[0]
-        if b.shape[1] != rank:
+        rank = a_shape[0]
+        if b_shape[1] != rank:
             raise AdapterError(
-                f"{where}: A/B rank mismatch in {short}: lora_A is {list(a.shape)} (rank {rank}) but "
-                f"lora_B is {list(b.shape)} (rank {b.shape[1]})"
+                f"{where}: A/B rank mismatch in {short}: lora_A is {list(a_shape)} (rank {rank}) but "
+                f"lora_B is {list(b_shape)} (rank {b_shape[1]})"
             )
-        if a.shape[1] != in_features or b.shape[0] != out_features:
+        if a_shape[1] != in_features or b_shape[0] != out_features:
             raise AdapterError(
-                f"{where}: {short} maps {a.shape[1]} -> {b.shape[0]} features but the base model's "
+                f"{where}: {short} maps {a_shape[1]} -> {b_shape[0]} features but the base model's "
                 f"{module} maps {in_features} -> {out_features}; the adapter was trained for a different model"
             )
         config_rank, alpha = config.rank_and_alpha(module_keys[(layer, module)])
@@ -615,25 +987,17 @@ def _build_modules(
                 f"{where}: {short} has rank {rank} in the weights but adapter_config.json gives "
                 f"r={config_rank} (from r/rank_pattern); config and weights disagree"
             )
-        a32 = a.to(torch.float32).contiguous()
-        b32 = b.to(torch.float32).contiguous()
-        for key, t in ((a_key, a32), (b_key, b32)):
-            if not bool(torch.isfinite(t).all()):
-                raise AdapterError(
-                    f"{where}: tensor {key!r} contains NaN or Inf (or overflows float32); the adapter is broken"
-                )
-        modules[(layer, module)] = LoRAModuleWeights(a=a32, b=b32, scale=config.scale(rank, alpha))
-        canonical[f"{short}.lora_A"] = a
-        canonical[f"{short}.lora_B"] = b
+        plan[(layer, module)] = (a_key, b_key, config.scale(rank, alpha))
+        ranks[(layer, module)] = rank
 
     # Checked over all modules so that the message gives the rank the engine actually needs.
-    (layer, module), top = max(modules.items(), key=lambda item: item[1].rank)
-    if top.rank > max_rank:
+    (layer, module), top = max(ranks.items(), key=lambda item: item[1])
+    if top > max_rank:
         raise AdapterError(
-            f"{where}: rank {top.rank} of layers.{layer}.{_PARENT[module]}.{module} exceeds "
-            f"max_lora_rank={max_rank}; start the engine with a larger max_lora_rank"
+            f"{where}: rank {top} of {_short_name(layer, module)} exceeds max_lora_rank={max_rank}; "
+            "start the engine with a larger max_lora_rank"
         )
-    return modules, canonical
+    return plan
 
 
 def _describe(value: Any) -> str:

@@ -16,13 +16,23 @@ takes ``r * row_bytes`` on the device and as a packed host copy -- its own rank,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
+import numpy as np
 import torch
 
 from loraserve.config import EngineConfig, ModelConfig
-from loraserve.lora.adapter import LoRAWeights
+from loraserve.lora.adapter import (
+    LoRAWeights,
+    StoredAdapter,
+    all_finite,
+    in_io_threads,
+    nonfinite_error,
+)
 from loraserve.model.layers import DenseLoRAWeights, LoRALayerWeights
 from loraserve.model.llama import LORA_LAYER_SLICES
 from loraserve.ops.lora import DENSE_MAX_ROWS, LoRAApplyFn
@@ -44,47 +54,163 @@ class PackedAdapter:
     a: dict[str, torch.Tensor]
     b: dict[str, list[torch.Tensor]]
 
+    @classmethod
+    def allocate(
+        cls, rank: int, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str, pin: bool = False
+    ) -> PackedAdapter:
+        """Uninitialised tensors for a rank-``rank`` adapter, all views of one buffer.
+
+        One allocation instead of one per tensor: with ``pin`` (host memory, CUDA present) it comes
+        from torch's caching host allocator, so the pinned block of an evicted adapter is reused.
+        """
+        shapes = {
+            kind: ([cfg.num_layers, rank, len(outs), in_f], [[cfg.num_layers, rank, o] for o in outs])
+            for kind, (in_f, outs) in kind_shapes(cfg).items()
+        }
+        sizes = [math.prod(s) for a, bs in shapes.values() for s in [a, *bs]]
+        flat = torch.empty(sum(sizes), dtype=dtype, device=device, pin_memory=pin)
+        views = iter(torch.split(flat, sizes))
+        a: dict[str, torch.Tensor] = {}
+        b: dict[str, list[torch.Tensor]] = {}
+        for kind, (a_shape, b_shapes) in shapes.items():  # the order of ``sizes``
+            a[kind] = next(views).view(a_shape)
+            b[kind] = [next(views).view(s) for s in b_shapes]
+        return cls(rank, a, b)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor: each kind's A, then its B slices."""
+        return [t for kind, a in self.a.items() for t in (a, *self.b[kind])]
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.a.values()) + sum(
-            t.numel() * t.element_size() for bs in self.b.values() for t in bs
-        )
-
-    def pin_memory(self) -> PackedAdapter:
-        return PackedAdapter(
-            self.rank,
-            {k: v.pin_memory() for k, v in self.a.items()},
-            {k: [t.pin_memory() for t in v] for k, v in self.b.items()},
-        )
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
-def pack_adapter(weights: LoRAWeights, cfg: ModelConfig, dtype: torch.dtype) -> PackedAdapter:
-    """Lay an adapter out in pool rows, folding each module's scale into its B.
+# Where each projection goes: ``module -> (kind, slice)``.
+_SLOTS: dict[str, tuple[str, int]] = {
+    m: (kind, s) for kind, mods in LORA_LAYER_SLICES.items() for s, m in enumerate(mods)
+}
 
-    Modules the adapter does not target, and rows past a module's own rank (``rank_pattern``),
-    stay zero, so they add nothing.
+
+def _operand(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as packing computes with it: float32 unless it already has the serving ``dtype``.
+
+    So the result is what float32 weights would give -- float32 scaling, one rounding into
+    ``dtype`` -- whatever dtype the file stores (a direct float64 -> bfloat16 cast, or a
+    bfloat16 product written into float32, would round differently).
+    """
+    return t if t.dtype == dtype else t.float()
+
+
+# Integer types of each element size: numpy has no bfloat16, but moving bytes needs no float type.
+_RAW_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _raw(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of ``t``'s elements as same-size integers, for copies that only move bytes."""
+    return t.detach().view(_RAW_DTYPES[t.element_size()]).numpy()
+
+
+def _zero_unused_rows(packed: PackedAdapter, modules: Mapping[tuple[int, str], Any], num_layers: int) -> None:
+    """Zero the kinds whose rows the modules do not all fill (untargeted modules, lower ranks)."""
+    full_rank = {loc for loc, w in modules.items() if w.a.shape[0] == packed.rank}
+    for kind, mods in LORA_LAYER_SLICES.items():
+        if any((layer, m) not in full_rank for layer in range(num_layers) for m in mods):
+            for t in (packed.a[kind], *packed.b[kind]):
+                t.zero_()
+
+
+def _move_bytes(staging: PackedAdapter, modules: Mapping[tuple[int, str], Any]) -> None:
+    """Copy each module's A, and its B transposed, into its rows of ``staging`` (same dtype, host).
+
+    Numpy copies on the shared I/O threads: one torch kernel per module would enter torch's
+    intra-op thread pool hundreds of times, each a fork/join of every core, which stalls badly
+    while other threads (hashing, the engine) hold cores.
+    """
+    a_raw = {kind: _raw(a) for kind, a in staging.a.items()}
+    b_raw = {kind: [_raw(b) for b in bs] for kind, bs in staging.b.items()}
+
+    def move(run: Sequence[tuple[tuple[int, str], Any]]) -> None:
+        for (layer, module), w in run:
+            kind, s = _SLOTS[module]
+            rank = w.a.shape[0]
+            np.copyto(a_raw[kind][layer, :rank, s], _raw(w.a))
+            np.copyto(b_raw[kind][s][layer, :rank], _raw(w.b).T)
+
+    items = list(modules.items())
+    for run in in_io_threads(move, items, [w.a.nbytes + w.b.nbytes for _, w in items]):
+        run.result()
+
+
+def pack_adapter(
+    weights: LoRAWeights | StoredAdapter, cfg: ModelConfig, dtype: torch.dtype, pin: bool = False
+) -> PackedAdapter:
+    """Lay an adapter out in pool rows in ``dtype``, folding each module's scale into its B.
+
+    Straight from the weights as given (a :class:`StoredAdapter`'s file dtype, or float32), with
+    float32 arithmetic (see :func:`_operand`). Modules the adapter does not target, and rows past
+    a module's own rank (``rank_pattern``), are zero. Packed where the weights are (a caller
+    holding them on a GPU packs at device speed); the result always lives on the host, the tier it
+    is cached in, in pinned memory with ``pin``.
+
+    Raises :class:`AdapterError` naming the tensor when a packed value is not finite: NaN or Inf
+    in the weights, or a value that overflows ``dtype`` (once scaled, for B). Checked on the
+    packed tensors, so nothing non-finite can reach the device.
     """
     r = weights.rank
-    num_layers = cfg.num_layers
-    # Packed where the weights are (a caller holding them on a GPU packs at device speed); the
-    # result always lives on the host, which is the tier it is cached in.
-    where = next(iter(weights.modules.values())).a.device if weights.modules else torch.device("cpu")
-    a_out: dict[str, torch.Tensor] = {}
-    b_out: dict[str, list[torch.Tensor]] = {}
-    for kind, (in_f, outs) in kind_shapes(cfg).items():
-        mods = LORA_LAYER_SLICES[kind]
-        a = torch.zeros(num_layers, r, len(mods), in_f, dtype=torch.float32, device=where)
-        bs = [torch.zeros(num_layers, r, o, dtype=torch.float32, device=where) for o in outs]
-        for (layer, name), w in weights.modules.items():
-            if name not in mods:
-                continue
-            s = mods.index(name)
+    modules = weights.modules
+    where = next(iter(modules.values())).a.device if modules else torch.device("cpu")
+    packed = PackedAdapter.allocate(r, cfg, dtype, where, pin=pin and where.type == "cpu")
+    src_dtypes = {t.dtype for w in modules.values() for t in (w.a, w.b)}
+    if where.type == "cpu" and len(src_dtypes) == 1:
+        # Host weights of one dtype: bytes moved into place in that dtype, then converted and
+        # scaled by a few large torch ops (in place when it is already the serving dtype). A
+        # staging copy is pinned along with the result, only so that the caching host allocator
+        # recycles it (fresh memory costs a page fault per 4 KiB).
+        (src_dtype,) = src_dtypes
+        staging = packed if src_dtype == dtype else PackedAdapter.allocate(r, cfg, src_dtype, "cpu", pin)
+        _zero_unused_rows(staging, modules, cfg.num_layers)
+        _move_bytes(staging, modules)
+        for kind, mods in LORA_LAYER_SLICES.items():
+            if staging is not packed:
+                packed.a[kind].copy_(_operand(staging.a[kind], dtype))
+            for s, module in enumerate(mods):
+                # Scales differ between layers only with rank/alpha patterns: one op per run of
+                # layers sharing one (zero rows of absent modules take any scale).
+                scales = [
+                    modules[(layer, module)].scale if (layer, module) in modules else 1.0
+                    for layer in range(cfg.num_layers)
+                ]
+                start = 0
+                for scale, run in itertools.groupby(scales):
+                    end = start + len(list(run))
+                    src = _operand(staging.b[kind][s][start:end], dtype)
+                    torch.mul(src, scale, out=packed.b[kind][s][start:end])
+                    start = end
+    else:
+        # On a GPU (kernels are cheap there), or with mixed dtypes: one torch op per tensor.
+        _zero_unused_rows(packed, modules, cfg.num_layers)
+        for (layer, module), w in modules.items():
+            kind, s = _SLOTS[module]
             rank = w.a.shape[0]
-            a[layer, :rank, s] = w.a
-            bs[s][layer, :rank] = (w.b * w.scale).T
-        a_out[kind] = a.to("cpu", dtype)
-        b_out[kind] = [b.to("cpu", dtype) for b in bs]
-    return PackedAdapter(r, a_out, b_out)
+            packed.a[kind][layer, :rank, s].copy_(_operand(w.a, dtype))
+            torch.mul(_operand(w.b, dtype).T, w.scale, out=packed.b[kind][s][layer, :rank])
+    if not all(all_finite(t) for t in packed.tensors()):
+        for (layer, module), w in modules.items():
+            kind, s = _SLOTS[module]
+            rank = w.a.shape[0]
+            if not all_finite(packed.a[kind][layer, :rank, s]):
+                raise nonfinite_error(weights.where, weights.tensor_name((layer, module), "A"), dtype)
+            if not all_finite(packed.b[kind][s][layer, :rank]):
+                raise nonfinite_error(
+                    weights.where, weights.tensor_name((layer, module), "B"), dtype, w.scale
+                )
+    if where.type != "cpu":
+        host = PackedAdapter.allocate(r, cfg, dtype, "cpu", pin=pin)
+        for dst, src in zip(host.tensors(), packed.tensors(), strict=True):
+            dst.copy_(src)
+        packed = host
+    return packed
 
 
 def row_bytes(cfg: ModelConfig, dtype: torch.dtype, dense: bool = False) -> int:

@@ -1,10 +1,12 @@
 """Disk -> host adapter reads off the engine thread.
 
-Reading an adapter (safetensors parse, validation, hashing, packing into pool layout, pinning) takes
-milliseconds for small adapters and a good part of a second for 7B-sized ones, so the store never
+Reading an adapter (safetensors parse, validation, hashing, packing into pool layout) takes
+milliseconds for small adapters and tens of milliseconds for 7B-sized ones, so the store never
 does it inside a step: it hands the read to a :class:`HostLoader`, whose worker threads only
 compute (they touch no store state), and collects finished reads between steps with
-:meth:`HostLoader.harvest`.
+:meth:`HostLoader.harvest`. Each read splits its byte-level work (file reads, hashing, byte moves)
+over I/O threads shared by all readers (``loraserve.lora.adapter.in_io_threads``), so one read
+uses several cores and concurrent reads share them.
 
 Ordering: the store submits reads in queue order and keeps at most ``2 * workers`` in flight, so
 the executor's FIFO never holds more than one round of work ahead of a more urgent adapter that

@@ -49,7 +49,7 @@ from loraserve.lora.adapter import (
     AdapterError,
     LoRAModelSpec,
     LoRAWeights,
-    load_adapter,
+    read_adapter,
 )
 from loraserve.lora.pool import DeviceLoRAPool, PackedAdapter, pack_adapter, row_bytes
 from loraserve.lora.prefetch import HostLoader, ReadResult
@@ -290,9 +290,7 @@ class AdapterStore:
             raise AdapterError(
                 f"adapter {name!r}: rank {weights.rank} exceeds max_lora_rank={self.cfg.max_lora_rank}"
             )
-        packed = pack_adapter(weights, self.model_cfg, self.dtype)
-        if self.cuda:
-            packed = packed.pin_memory()
+        packed = pack_adapter(weights, self.model_cfg, self.dtype, pin=self.cuda)
         entry = AdapterEntry(
             name=name,
             path=weights.path,
@@ -615,12 +613,17 @@ class AdapterStore:
         raise ValueError(f"tier must be 'gpu' (or 'device') or 'cpu', got {tier!r}")
 
     def _read_packed(self, path: str, name: str) -> ReadResult:
-        """Read, validate and pack one adapter (runs on reader threads: touches no store state)."""
-        weights = load_adapter(path, self.spec, self.cfg.max_lora_rank, name=name)
-        packed = pack_adapter(weights, self.model_cfg, self.dtype)
-        if self.pool.device.type == "cuda":
-            packed = packed.pin_memory()
-        return ReadResult(weights.content_hash, weights.rank, weights.nbytes, weights.target_modules, packed)
+        """Read, validate, hash and pack one adapter (runs on reader threads: touches no store state).
+
+        The file is read once and packed from its bytes straight into the model dtype; reading,
+        hashing and the byte moves of packing are split over the shared I/O threads (see
+        ``loraserve.lora.adapter.in_io_threads``). On CUDA the read buffer and the packed copy are
+        pinned: the packed copy for ``non_blocking`` copies, and both so that torch's caching host
+        allocator recycles them (fresh memory costs a page fault per 4 KiB).
+        """
+        stored = read_adapter(path, self.spec, self.cfg.max_lora_rank, name=name, pin=self.cuda)
+        packed = pack_adapter(stored, self.model_cfg, self.dtype, pin=self.cuda)
+        return ReadResult(stored.content_hash, stored.rank, stored.nbytes, stored.target_modules, packed)
 
     def _read_now(self, entry: AdapterEntry) -> PackedAdapter:
         """Synchronous read for explicit control (pin, preload); raises what the read raises."""

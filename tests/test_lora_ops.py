@@ -1,11 +1,18 @@
-"""The torch LoRA ops: the segment reference against a per-token loop, and the dense CPU op against both."""
+"""The torch LoRA ops: the segment reference against a per-token loop, and the dense CPU op against both
+(on plain and on oneDNN-packed weights)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from loraserve.ops.lora import LoRASegments, lora_apply, lora_linear_dense
+from loraserve.ops.lora import (
+    DensePack,
+    LoRASegments,
+    lora_apply,
+    lora_linear_dense,
+    onednn_packing_available,
+)
 
 
 def _per_token(x, a, b, token_rows):
@@ -62,3 +69,35 @@ def test_segment_reference_and_dense_op(slices, outs, seed):
     torch.testing.assert_close(y.double(), (x @ w.T + bias).double() + expected, rtol=1e-5, atol=1e-4)
     # Base tokens get exactly the base projection.
     torch.testing.assert_close(y[-3:], (x @ w.T + bias)[-3:])
+
+
+@pytest.mark.skipif(
+    not onednn_packing_available(torch.float32), reason="no oneDNN weight packing on this CPU"
+)
+def test_dense_op_on_packed_weights_follows_pool_writes():
+    """The oneDNN-packed dense op equals the plain one, and in-place writes (as pool writes and
+    compaction do) or a step reaching rows past the packed copy rebuild the copies."""
+    g = torch.Generator().manual_seed(3)
+    in_f, outs, rows = 32, [24, 8, 8], 16
+    slices, n_out = len(outs), sum(outs)
+    fused = torch.randn(n_out + rows * slices, in_f, generator=g)
+    block = torch.randn(rows * slices, n_out, generator=g)
+    in_use = [8]
+    pack = DensePack(rows_in_use=lambda: in_use[0])
+    x = torch.randn(6, in_f, generator=g)
+
+    def check(segments):
+        meta = LoRASegments.build(segments, 6)
+        want = lora_linear_dense(x, fused, n_out, slices, None, block, meta)
+        got = lora_linear_dense(x, fused, n_out, slices, None, block, meta, pack)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    check([(0, 2, 0, 8), (2, 4, 4, 4)])
+    assert pack.fused.rows == n_out + 8 * slices  # packed to the pool's rows in use
+    fused[n_out : n_out + slices].mul_(-2.0)  # an adapter's A rows rewritten in place
+    block[:slices].add_(1.0)  # and its B rows
+    check([(0, 2, 0, 8)])
+    in_use[0] = 12
+    check([(0, 3, 0, 8), (3, 5, 8, 4)])  # rows 8..12: past the packed copy
+    assert pack.fused.rows == n_out + 12 * slices and pack.b.rows == 12 * slices
+    check([])  # a base-only step: the projection only

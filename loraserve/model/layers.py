@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraserve.ops.lora import LoRAApplyFn, LoRASegments, lora_linear_dense
+from loraserve.ops.lora import (
+    DensePack,
+    LoRAApplyFn,
+    LoRASegments,
+    PackedLinear,
+    lora_linear_dense,
+    onednn_packing_available,
+)
 
 
 @dataclass
@@ -24,11 +31,13 @@ class DenseLoRAWeights:
     """The CPU dense layout of one layer (see :func:`~loraserve.ops.lora.lora_linear_dense`).
 
     ``fused``: ``[out + R * S, in]``, the base weight followed by the A pool rows (the layer's
-    weight parameter is a view of its first ``out`` rows); ``b_block``: ``[R * S, out]``.
+    weight parameter is a view of its first ``out`` rows); ``b_block``: ``[R * S, out]``;
+    ``pack``: their oneDNN-packed copies where the CPU supports them (None: plain matmuls).
     """
 
     fused: torch.Tensor
     b_block: torch.Tensor
+    pack: DensePack | None = None
 
 
 @dataclass
@@ -77,12 +86,19 @@ class LoRALinear(nn.Module):
             else None
         )
         self.lora = lora
+        # CPU: the base weight prepacked for oneDNN (a dense LoRA layout packs its own fused tensor).
+        self._packed: PackedLinear | None = None
+        if (
+            self.weight.device.type == "cpu"
+            and (lora is None or lora.dense is None)
+            and not self.weight.is_inference()
+            and onednn_packing_available(self.weight.dtype)
+        ):
+            self._packed = PackedLinear()
 
     def forward(self, x: torch.Tensor, lora_meta: LoRASegments | None) -> torch.Tensor:
         lora = self.lora
-        if lora is None or lora_meta is None or lora_meta.empty:
-            return F.linear(x, self.weight, self.bias)
-        if lora.dense is not None:
+        if lora is not None and lora.dense is not None:
             return lora_linear_dense(
                 x,
                 lora.dense.fused,
@@ -91,9 +107,15 @@ class LoRALinear(nn.Module):
                 self.bias,
                 lora.dense.b_block,
                 lora_meta,
+                lora.dense.pack,
             )
-        y = F.linear(x, self.weight, self.bias)
-        lora.apply(y, x, lora.a, lora.b, lora_meta)
+        if self._packed is not None:
+            w = self._packed.weight(self.weight, self.weight.shape[0])
+            y = PackedLinear.linear(x, w, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        if lora is not None and lora_meta is not None and not lora_meta.empty:
+            lora.apply(y, x, lora.a, lora.b, lora_meta)
         return y
 
 

@@ -383,6 +383,15 @@ def _general_kernel(
 
 
 @triton.jit
+def _split_range(seq_len, split, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """Keys ``[kv_lo, kv_hi)`` of flash-decoding split ``split``: whole tiles, computed from the
+    device ``seq_len`` so that a captured grid fits any length (an empty range past the end)."""
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
+    kv_lo = split * tiles_per_split * BLOCK_N
+    return kv_lo, tl.minimum(kv_lo + tiles_per_split * BLOCK_N, seq_len)
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -424,10 +433,7 @@ def _decode_kernel(
         mask=row_valid[:, None],
         other=0.0,
     )
-    # Split in whole tiles, computed from the device seq_len so a captured grid fits any length.
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
-    kv_lo = split * tiles_per_split * BLOCK_N
-    kv_hi = tl.minimum(kv_lo + tiles_per_split * BLOCK_N, seq_len)
+    kv_lo, kv_hi = _split_range(seq_len, split, BLOCK_N, NUM_SPLITS)
 
     acc = tl.zeros([GROUP_P, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([GROUP_P], float("-inf"), dtype=tl.float32)
@@ -532,9 +538,7 @@ def _decode_mha_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)  # 0 for CUDA-graph padding: no tiles, zero output
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :]).to(tl.float32)
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
-    kv_lo = split * tiles_per_split * BLOCK_N
-    kv_hi = tl.minimum(kv_lo + tiles_per_split * BLOCK_N, seq_len)
+    kv_lo, kv_hi = _split_range(seq_len, split, BLOCK_N, NUM_SPLITS)
 
     acc = tl.zeros([HEADS, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([HEADS], float("-inf"), dtype=tl.float32)

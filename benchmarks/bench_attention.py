@@ -81,7 +81,14 @@ class Workload:
 
 
 def make_workload(
-    model: str, kind: str, batch: int, q_len: int, ctx: int, dtype: torch.dtype, device: torch.device
+    model: str,
+    kind: str,
+    batch: int,
+    q_len: int,
+    ctx: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    layout: str = "hnd",
 ) -> Workload:
     heads, kv_heads, head_dim = MODELS[model]
     nblocks = -(-ctx // BLOCK_SIZE)
@@ -98,13 +105,22 @@ def make_workload(
         seq_lens_host=[ctx] * batch,
         block_size=BLOCK_SIZE,
     )
-    shape = (pool, BLOCK_SIZE, kv_heads, head_dim)
     layer_bytes = 2 * pool * BLOCK_SIZE * kv_heads * head_dim * torch.finfo(dtype).bits // 8
     layers = max(1, min(64, -(-L2_FLUSH_BYTES // layer_bytes)))
-    k_caches = [torch.randn(shape, dtype=dtype, device=device) for _ in range(layers)]
-    v_caches = [torch.randn(shape, dtype=dtype, device=device) for _ in range(layers)]
+
+    def cache() -> torch.Tensor:
+        # Indexed [blocks, block_size, kv_heads, D] either way; "hnd" stores heads outermost (the
+        # engine's CUDA layout), "nhd" a token's heads as one row.
+        if layout == "hnd":
+            return torch.randn(pool, kv_heads, BLOCK_SIZE, head_dim, dtype=dtype, device=device).transpose(
+                1, 2
+            )
+        return torch.randn(pool, BLOCK_SIZE, kv_heads, head_dim, dtype=dtype, device=device)
+
+    k_caches = [cache() for _ in range(layers)]
+    v_caches = [cache() for _ in range(layers)]
     q = torch.randn(batch * q_len, heads, head_dim, dtype=dtype, device=device)
-    name = f"{kind} {model} B={batch} q={q_len} ctx={ctx}"
+    name = f"{kind} {model} B={batch} q={q_len} ctx={ctx} {layout}"
     return Workload(name, model, kind, batch, q_len, ctx, meta, q, k_caches, v_caches)
 
 
@@ -232,8 +248,10 @@ def sweep(w: Workload, args: argparse.Namespace) -> list[dict[str, Any]]:
         # block_m = heads per program of the MHA decode kernel.
         base = decode_num_splits(w.batch, w.k_caches[0].shape[2], w.ctx, w.q.device, group)
         variants = [
-            {"config": KernelConfig(bm, bn, nw, 2), "num_splits": s}
-            for bm, bn, nw, s in itertools.product((1, 2, 4), (32, 64), (4, 8), sorted({1, 2, base}))
+            {"config": KernelConfig(bm, bn, nw, 2, head_major=hm), "num_splits": s}
+            for bm, bn, nw, hm, s in itertools.product(
+                (1, 2), (32, 64, 128), (2, 4, 8), (False, True), sorted({1, base})
+            )
         ]
     elif w.kind == "decode":
         base = decode_num_splits(w.batch, w.k_caches[0].shape[2], w.ctx, w.q.device)
@@ -294,14 +312,14 @@ def bench_store_kv(
 def print_table(rows: list[dict[str, Any]], copy_gbps: float) -> None:
     print(f"device copy bandwidth: {copy_gbps:.0f} GB/s (read + write)")
     head = (
-        f"{'case':40s} {'triton':>9s} {'eager':>9s} {'sdpa':>9s} {'torch':>10s} {'KV GB/s':>8s} "
+        f"{'case':44s} {'triton':>9s} {'eager':>9s} {'sdpa':>9s} {'torch':>10s} {'KV GB/s':>8s} "
         f"{'%copy':>6s} {'TFLOP/s':>8s} {'err':>8s}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r['name']:40s} {r['triton_us']:8.1f}u {r['triton_eager_us']:8.1f}u "
+            f"{r['name']:44s} {r['triton_us']:8.1f}u {r['triton_eager_us']:8.1f}u "
             f"{r['sdpa_contiguous_us']:8.1f}u {r['torch_paged_eager_us']:9.1f}u "
             f"{r['kv_gbps']:8.0f} {100 * r['kv_frac_of_copy']:5.0f}% "
             f"{r['tflops']:8.1f} {r['max_abs_err']:8.1e}{'' if r['ok'] else '  FAIL'}"
@@ -322,6 +340,9 @@ def main() -> None:
         "--sweep-filter", nargs="*", default=[], help="sweep only cases whose name contains one of these"
     )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument(
+        "--layouts", nargs="+", default=["hnd", "nhd"], choices=["hnd", "nhd"], help="KV cache storage orders"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention needs a CUDA device")
@@ -332,9 +353,9 @@ def main() -> None:
     copy_gbps = copy_bandwidth_gbps(device, args.warmup, args.iters)
     specs = [("decode", b, 1, ctx) for b in (1, 64, 256) for ctx in (512, 1024)] + [("prefill", 8, 512, 512)]
     rows, sweeps = [], []
-    for model in args.models:
+    for model, layout in itertools.product(args.models, args.layouts):
         for kind, batch, q_len, ctx in specs:
-            w = make_workload(model, kind, batch, q_len, ctx, dtype, device)
+            w = make_workload(model, kind, batch, q_len, ctx, dtype, device, layout)
             rows.append(measure(w, copy_gbps, args))
             if args.sweep and (not args.sweep_filter or any(f in w.name for f in args.sweep_filter)):
                 sweeps.extend(sweep(w, args))
@@ -354,8 +375,8 @@ def main() -> None:
         default = {r["name"]: r["triton_us"] for r in rows}
         for name, r in best.items():
             cfg = f"m={r['block_m']} n={r['block_n']} w={r['num_warps']} s={r['num_stages']}"
-            cfg += f" splits={r['num_splits']}"
-            print(f"{name:40s} {r['us']:8.1f}us ({default[name]:.1f}us)  {cfg}")
+            cfg += f" splits={r['num_splits']}" + (" heads-first" if r.get("head_major") else "")
+            print(f"{name:44s} {r['us']:8.1f}us ({default[name]:.1f}us)  {cfg}")
 
     result = {
         "device": torch.cuda.get_device_name(device),

@@ -48,6 +48,7 @@ class Case:
         block_size: int = 16,
         seed: int = 0,
         fused_qkv: bool = False,
+        head_major: bool = False,
     ) -> None:
         gen = torch.Generator().manual_seed(seed)
         nblocks = [-(-sl // block_size) for _, sl in specs]
@@ -85,6 +86,9 @@ class Case:
             self.k = rand(num_tokens, kv_heads, head_dim).to(DEVICE)
             self.v = rand(num_tokens, kv_heads, head_dim).to(DEVICE)
         self.k_cache, self.v_cache = self.k_cache.to(DEVICE), self.v_cache.to(DEVICE)
+        if head_major:  # the engine's CUDA storage: [blocks, kv_heads, block_size, D], same indexing
+            self.k_cache = self.k_cache.transpose(1, 2).contiguous().transpose(1, 2)
+            self.v_cache = self.v_cache.transpose(1, 2).contiguous().transpose(1, 2)
         self.meta = AttentionMeta(
             slot_mapping=torch.cat(new_slots).to(DEVICE),
             query_start=torch.tensor(query_start, dtype=torch.int32, device=DEVICE),
@@ -164,6 +168,19 @@ def test_mha_decode_heads_per_program(block_m: int, num_splits: int) -> None:
     check(case, case.run(num_splits=num_splits, config=config), case.reference())
 
 
+@pytest.mark.parametrize("config", [None, SMALL_TILES, KernelConfig(1, 16, 4, 2, head_major=True)], ids=str)
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)], ids=["mha", "gqa4"])
+@pytest.mark.parametrize("kind", ["decode", "mixed"])
+def test_head_major_cache_layout(kind: str, heads: int, kv_heads: int, config: KernelConfig | None) -> None:
+    """Head-major cache storage (the CUDA engine's) and the heads-first decode grid give the same
+    results; the torch reference stores into the strided view too."""
+    if config is not None and config.head_major and heads != kv_heads:
+        pytest.skip("head_major only orders the decode grid without GQA")
+    case = Case(SPECS[kind], heads, kv_heads, 32, HALF, seed=5, head_major=True)
+    assert not case.k_cache.is_contiguous() and case.k_cache.stride(2) == 16 * 32
+    check(case, case.run(config=config), case.reference())
+
+
 def test_decode_num_splits_heuristic() -> None:
     assert decode_num_splits(1, 8, 1, DEVICE) == 1  # nothing to split
     assert decode_num_splits(1, 1, 4096, DEVICE) > 1  # one long sequence: split to fill the GPU
@@ -204,21 +221,33 @@ def test_decode_cuda_graph_padding(num_splits: int) -> None:
     assert torch.equal(out[real:], torch.zeros_like(out[real:]))
 
 
+@pytest.mark.parametrize("head_major", [False, True], ids=["nhd", "hnd"])
 @pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)
-def test_store_kv_matches_reference_and_skips_padding(dtype: torch.dtype) -> None:
+def test_store_kv_matches_reference_and_skips_padding(dtype: torch.dtype, head_major: bool) -> None:
     gen = torch.Generator().manual_seed(5)
     num_tokens, kv_heads, head_dim, blocks, block_size = 9, 3, 64, 6, 16
     slots = torch.randperm(blocks * block_size, generator=gen)[:num_tokens]
     slots[[2, 7]] = -1
     kv = torch.randn(num_tokens, 2 * kv_heads, head_dim, generator=gen).to(DEVICE)  # fp32 source
     k, v = kv.split([kv_heads, kv_heads], dim=1)  # strided views
-    k_cache = torch.zeros(blocks, block_size, kv_heads, head_dim, dtype=dtype, device=DEVICE)
-    v_cache = torch.zeros_like(k_cache)
+    shape = (
+        (blocks, kv_heads, block_size, head_dim) if head_major else (blocks, block_size, kv_heads, head_dim)
+    )
+    k_cache = torch.zeros(shape, dtype=dtype, device=DEVICE)
+    if head_major:
+        k_cache = k_cache.transpose(1, 2)
+    v_cache = torch.zeros_like(k_cache)  # keeps the strides
     store_kv_triton(k, v, k_cache, v_cache, slots.to(DEVICE))
-    k_ref, v_ref = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    # The reference writes into plain token-major caches: the values must land at the same indices.
+    k_ref = torch.zeros(blocks, block_size, kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    v_ref = torch.zeros_like(k_ref)
     keep = slots >= 0
     store_kv(k[keep], v[keep], k_ref, v_ref, slots[keep].to(DEVICE))
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    if head_major:  # the torch op's strided-view path agrees too
+        k_view, v_view = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+        store_kv(k[keep], v[keep], k_view, v_view, slots[keep].to(DEVICE))
+        assert not k_view.is_contiguous() and torch.equal(k_view, k_ref) and torch.equal(v_view, v_ref)
 
 
 def test_empty_step() -> None:
@@ -243,12 +272,16 @@ def test_empty_step() -> None:
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("head_major", [False, True], ids=["nhd", "hnd"])
 @pytest.mark.parametrize("kv_heads", [32, 8], ids=["llama2", "llama3"])
-def test_gpu_decode_batch_256(kv_heads: int) -> None:
+def test_gpu_decode_batch_256(kv_heads: int, head_major: bool) -> None:
     gen = torch.Generator().manual_seed(6)
     seq_lens = torch.randint(1, 1025, (256,), generator=gen).tolist()
-    case = Case([(1, s) for s in seq_lens], 32, kv_heads, 128, torch.bfloat16, seed=6)
+    case = Case([(1, s) for s in seq_lens], 32, kv_heads, 128, torch.bfloat16, seed=6, head_major=head_major)
     check(case, case.run(), case.reference())
+    if kv_heads == 32:
+        grid = KernelConfig(1, 64, 4, 2, head_major=True)
+        check(case, case.run(config=grid), case.reference())
 
 
 @gpu

@@ -19,7 +19,7 @@ from loraserve.lora.pool import DeviceLoRAPool
 from loraserve.lora.store import AdapterStore
 from loraserve.model.llama import ForwardContext, LlamaModel
 from loraserve.model.loader import iter_checkpoint
-from loraserve.ops import select_attention_ops, select_lora_apply
+from loraserve.ops import allocate_kv_cache, select_attention_ops, select_lora_apply
 from loraserve.ops.attention import AttentionMeta
 from loraserve.ops.lora import LoRASegments
 
@@ -51,8 +51,8 @@ class ModelRunner:
         shape = (self.num_blocks, self.block_size, mcfg.num_kv_heads, mcfg.head_dim)
         self.kv_caches = [
             (
-                torch.zeros(shape, dtype=cfg.dtype, device=self.device),
-                torch.zeros(shape, dtype=cfg.dtype, device=self.device),
+                allocate_kv_cache(*shape, cfg.dtype, self.device),
+                allocate_kv_cache(*shape, cfg.dtype, self.device),
             )
             for _ in range(mcfg.num_layers)
         ]

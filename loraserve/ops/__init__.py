@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -47,3 +49,54 @@ def select_attention_ops(device: torch.device):
 
         return paged_attention_triton, store_kv_triton
     return paged_attention, store_kv
+
+
+def kv_cache_layout(device: torch.device) -> str:
+    """Storage order of the KV cache on ``device``: ``"hnd"`` or ``"nhd"``.
+
+    Every op indexes a cache as ``[num_blocks, block_size, num_kv_heads, head_dim]``. With the
+    Triton ops the storage is head-major (``[num_blocks, num_kv_heads, block_size, head_dim]``,
+    handed out as a transposed view) so that a decode program reading one head streams contiguous
+    runs of ``block_size * head_dim`` elements; the torch ops keep token-major storage, where a
+    token's heads are one row.
+    """
+    return "hnd" if _triton_enabled(device) else "nhd"
+
+
+def allocate_kv_cache(
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """One zeroed cache tensor indexed ``[num_blocks, block_size, num_kv_heads, head_dim]``, stored per
+    :func:`kv_cache_layout`."""
+    if kv_cache_layout(device) == "hnd":
+        return torch.zeros(
+            num_blocks, num_kv_heads, block_size, head_dim, dtype=dtype, device=device
+        ).transpose(1, 2)
+    return torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class FusedOps:
+    """The GPU path's fused elementwise ops (:mod:`loraserve.ops.triton_fused` documents each).
+
+    There is no torch table: off CUDA the model keeps its own torch code, which is these ops' reference.
+    """
+
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    fused_add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+    silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
+    rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def select_fused_ops(device: torch.device) -> FusedOps | None:
+    """The Triton norm / activation / rotary kernels on CUDA; None elsewhere (the model's torch code)."""
+    if _triton_enabled(device):
+        from loraserve.ops.triton_fused import TRITON_FUSED_OPS
+
+        return TRITON_FUSED_OPS
+    return None

@@ -1,6 +1,7 @@
 """Paged attention and KV-cache writes (torch implementation: the CPU path and the oracle for Triton).
 
-KV cache layout, per layer: ``k_cache``, ``v_cache``: ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+KV cache layout, per layer: ``k_cache``, ``v_cache``: ``[num_blocks, block_size, num_kv_heads, head_dim]``
+(indexing order; the storage may be head-major, see :func:`loraserve.ops.kv_cache_layout`).
 A token at position ``p`` of a sequence lives in block ``block_table[p // block_size]`` at offset
 ``p % block_size``; its flat *slot* is ``block * block_size + offset``.
 
@@ -94,11 +95,18 @@ def store_kv(
     """Write this step's keys/values into the paged cache.
 
     ``k``, ``v``: ``[T, num_kv_heads, head_dim]``; caches ``[num_blocks, block_size, num_kv_heads, head_dim]``;
-    ``slot_mapping``: ``[T]`` int64. ``k_cache.view(-1, H, D)[slot_mapping[i]] = k[i]``.
+    ``slot_mapping``: ``[T]`` int64. ``k_cache.view(-1, H, D)[slot_mapping[i]] = k[i]``. The caches
+    may be strided views (the head-major CUDA layout): those take an indexed write instead.
     """
     heads, dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    if k_cache.is_contiguous():
+        k_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+        return
+    block_size = k_cache.shape[1]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    k_cache[blocks, offsets] = k.to(k_cache.dtype)
+    v_cache[blocks, offsets] = v.to(v_cache.dtype)
 
 
 def paged_attention(

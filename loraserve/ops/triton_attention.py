@@ -1,7 +1,10 @@
 """Triton paged attention and KV-cache writes (the GPU path; :mod:`loraserve.ops.attention` is the oracle).
 
-Same layout and semantics as :mod:`loraserve.ops.attention`: caches are
-``[num_blocks, block_size, num_kv_heads, head_dim]``, sequence ``b`` owns the flat query tokens
+Same layout and semantics as :mod:`loraserve.ops.attention`: caches are indexed
+``[num_blocks, block_size, num_kv_heads, head_dim]`` with any strides but a contiguous last dim. The
+engine's CUDA caches are stored head-major (``[num_blocks, num_kv_heads, block_size, head_dim]``,
+passed as a transposed view; :func:`loraserve.ops.kv_cache_layout`): one head's keys of a block are
+then one contiguous run (4 KB at 16 tokens x 128 x bf16) instead of rows 8 KB apart. Sequence ``b`` owns the flat query tokens
 ``query_start[b] : query_start[b + 1]``, which are the last ``q_len_b`` positions of a context of
 ``seq_lens[b]`` tokens, and query ``i`` attends causally to keys ``0 .. seq_lens[b] - q_len_b + i``.
 
@@ -64,12 +67,15 @@ class KernelConfig:
     up to ``block_m`` that divides ``num_heads``); unused by the GQA decode kernel, whose rows are
     one token's group.
     ``block_n``: keys per inner-loop tile; Triton's ``num_warps`` / ``num_stages``.
+    ``head_major``: decode without GQA only: order the grid heads-first, so that the programs
+    resident at one time cover all heads of a few sequences rather than one head of many.
     """
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    head_major: bool = False
 
 
 # The defaults below were picked from sm_90 compiles (ptxas register counts, no spills) rather than
@@ -236,6 +242,7 @@ def _attend_tiles(
     stride_btn,
     stride_cb,
     stride_co,
+    stride_ch,
     kv_head,
     row_limit,
     kv_lo,
@@ -252,7 +259,7 @@ def _attend_tiles(
     (``m_i`` in log2 units, i.e. of ``score * scale * log2(e)``). Returns the updated ``(acc, m_i, l_i)``.
     """
     d = tl.arange(0, HEAD_DIM)
-    head_off = kv_head * HEAD_DIM  # caches are [.., kv_heads, HEAD_DIM] with a contiguous last dim
+    head_off = kv_head * stride_ch
     for start in range(kv_lo, kv_hi, BLOCK_N):
         kpos = start + tl.arange(0, BLOCK_N)
         kmask = kpos < kv_hi
@@ -313,6 +320,7 @@ def _general_kernel(
     stride_oh,
     stride_cb,
     stride_co,
+    stride_ch,
     stride_btb,
     stride_btn,
     GROUP: tl.constexpr,
@@ -364,6 +372,7 @@ def _general_kernel(
         stride_btn,
         stride_cb,
         stride_co,
+        stride_ch,
         kv_head,
         row_limit,
         0,
@@ -409,6 +418,7 @@ def _decode_kernel(
     stride_oh,
     stride_cb,
     stride_co,
+    stride_ch,
     stride_btb,
     stride_btn,
     GROUP: tl.constexpr,
@@ -449,6 +459,7 @@ def _decode_kernel(
         stride_btn,
         stride_cb,
         stride_co,
+        stride_ch,
         kv_head,
         tl.zeros([GROUP_P], dtype=tl.int32) + seq_len,
         kv_lo,
@@ -518,6 +529,7 @@ def _decode_mha_kernel(
     stride_oh,
     stride_cb,
     stride_co,
+    stride_ch,
     stride_btb,
     stride_btn,
     HEADS: tl.constexpr,
@@ -525,6 +537,7 @@ def _decode_mha_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
 ):
     """Decode without GQA: one program per (sequence, ``HEADS`` adjacent heads, split).
 
@@ -532,8 +545,12 @@ def _decode_mha_kernel(
     multiply-reduce in fp32 over ``[BLOCK_N, HEADS, HEAD_DIM]`` tiles, whose ``HEADS * HEAD_DIM``
     inner elements are contiguous in the cache.
     """
-    seq = tl.program_id(0)
-    head = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
+    if HEAD_MAJOR:  # grid (heads, seqs, splits): programs that run together share a sequence
+        seq = tl.program_id(1)
+        head = tl.program_id(0) * HEADS + tl.arange(0, HEADS)
+    else:
+        seq = tl.program_id(0)
+        head = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)  # 0 for CUDA-graph padding: no tiles, zero output
     d = tl.arange(0, HEAD_DIM)
@@ -544,7 +561,7 @@ def _decode_mha_kernel(
     m_i = tl.full([HEADS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([HEADS], dtype=tl.float32)
     bt_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_btb
-    inner = head[:, None] * HEAD_DIM + d[None, :]  # [HEADS, D]: contiguous in a token's row
+    inner = head[:, None] * stride_ch + d[None, :]  # [HEADS, D]
     ar = tl.arange(0, BLOCK_N)
     # Software pipelining by hand (Triton's pipeliner only stages loads that feed tl.dot): a tile's
     # K/V are loaded one iteration before they are used and its block ids two, so each iteration's
@@ -653,7 +670,7 @@ def paged_attention_triton(
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
     assert head_dim == triton.next_power_of_2(head_dim), "head_dim must be a power of two"
-    assert q.stride(2) == 1 and k_cache.stride(2) == head_dim and k_cache.stride(3) == 1
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1
     assert k_cache.stride() == v_cache.stride()
     group = num_heads // num_kv_heads
     num_seqs = meta.num_seqs
@@ -670,6 +687,7 @@ def paged_attention_triton(
         out.stride(1),
         k_cache.stride(0),
         k_cache.stride(1),
+        k_cache.stride(2),
         bt.stride(0),
         bt.stride(1),
     )
@@ -687,9 +705,11 @@ def paged_attention_triton(
         args = (q, k_cache, v_cache, out, part_acc, part_ml, meta.seq_lens, bt, num_heads, qk_scale, *common)
         if group == 1:
             heads = _mha_heads_per_program(cfg.block_m, num_heads)
-            _decode_mha_kernel[(num_seqs, num_heads // heads, splits)](
+            grid = (num_heads // heads, num_seqs) if cfg.head_major else (num_seqs, num_heads // heads)
+            _decode_mha_kernel[(*grid, splits)](
                 *args,
                 HEADS=heads,
+                HEAD_MAJOR=cfg.head_major,
                 BLOCK_SIZE=block_size,
                 HEAD_DIM=head_dim,
                 BLOCK_N=cfg.block_n,

@@ -96,8 +96,11 @@ def general_config(group: int, max_query_len: int, dtype: torch.dtype) -> Kernel
     return KernelConfig(block_m=max(64, triton.next_power_of_2(group)), block_n=32, num_warps=4, num_stages=2)
 
 
-# Heads per program of the decode kernel without GQA (its ``block_m``). The H200 sweep
-# (benchmarks/RESULTS.md) found one head with 64-key tiles fastest once loads are pipelined.
+# Heads per program of the decode kernel without GQA (its ``block_m``). The H200 sweeps
+# (benchmarks/RESULTS.md) found one head per program fastest once loads are pipelined, and then
+# 32-key tiles on 2 warps with a heads-first grid (597 us at B=256, ctx 512, against 744 us for
+# 64 keys on 4 warps): each thread keeps more loads in flight, and the programs resident together
+# read whole token rows of a few sequences. 64 keys on 2 warps spill registers.
 _MHA_DECODE_HEADS = 1
 
 
@@ -108,7 +111,7 @@ def decode_config(dtype: torch.dtype, group: int = 2) -> KernelConfig:
     ``block_n`` keys: its K and V tiles are ``[block_n, heads, head_dim]``.
     """
     if group == 1:
-        return KernelConfig(block_m=_MHA_DECODE_HEADS, block_n=64, num_warps=4, num_stages=2)
+        return KernelConfig(block_m=_MHA_DECODE_HEADS, block_n=32, num_warps=2, num_stages=2, head_major=True)
     if dtype == torch.float32:
         return KernelConfig(block_m=16, block_n=16, num_warps=8, num_stages=2)
     return KernelConfig(block_m=16, block_n=64, num_warps=8, num_stages=2)

@@ -1,5 +1,9 @@
 """Building blocks of the Llama-family model: LoRA-aware linear layers, RMSNorm, rotary embedding.
 
+The torch code of the norm, activation and rotary is the CPU path and the reference of the fused Triton
+kernels that the GPU path uses instead (:mod:`loraserve.ops.triton_fused`, chosen per device by
+:func:`~loraserve.ops.select_fused_ops`).
+
 LoRA is a constructor argument of the linear layers, not a wrapper swapped in after the model is
 built: each LoRA target holds views into the device adapter pool (``LoRALayerWeights``) and adds
 every token's adapter delta after the base matmul.
@@ -16,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraserve.ops import FusedOps
 from loraserve.ops.lora import (
     DensePack,
     LoRAApplyFn,
@@ -119,17 +124,40 @@ class LoRALinear(nn.Module):
         return y
 
 
-class RMSNorm(nn.Module):
-    """Llama's RMSNorm, computed in float32 as transformers does, then cast back."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm of the last dim, computed in float32 as transformers does, then cast back.
 
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device | str) -> None:
+    The CPU path and the reference of :func:`~loraserve.ops.triton_fused.rms_norm_triton`.
+    """
+    # One fused kernel for the normalisation (fewer ops per layer matters on CPU).
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm (:func:`rms_norm`); with ``fused`` ops (GPU) the Triton kernels instead."""
+
+    def __init__(
+        self,
+        dim: int,
+        eps: float,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        fused: FusedOps | None = None,
+    ) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused kernel for the normalisation (fewer ops per layer matters on CPU).
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        if self.fused is not None:
+            return self.fused.rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_norm_(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Fused ops only: ``residual += x``, then ``x = rmsnorm(residual)``, both in place; returns ``x``."""
+        assert self.fused is not None, "add_norm_ is the fused (GPU) path's op"
+        return self.fused.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -177,8 +205,20 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``qk`` ``[T, heads, D]`` (queries and keys side by side, so one op chain serves both)."""
+    """Rotate ``qk`` ``[T, heads, D]`` (queries and keys side by side, so one op chain serves both).
+
+    Returns a new tensor. The CPU path and the reference of :func:`~loraserve.ops.triton_fused.rotary_triton`.
+    """
     xf = qk.float()
     half = xf.shape[-1] // 2
     rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
     return (xf * cos + rotated * sin).to(qk.dtype)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a fused gate_up output ``[T, 2 * I]``: ``[T, I]``.
+
+    The CPU path and the reference of :func:`~loraserve.ops.triton_fused.silu_and_mul_triton`.
+    """
+    inter = gate_up.shape[-1] // 2
+    return F.silu(gate_up[:, :inter]) * gate_up[:, inter:]

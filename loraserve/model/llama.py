@@ -10,7 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraserve.config import ModelConfig, ModelLoadError
-from loraserve.model.layers import LoRALayerWeights, LoRALinear, RMSNorm, RotaryEmbedding, apply_rotary
+from loraserve.model.layers import (
+    LoRALayerWeights,
+    LoRALinear,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    silu_and_mul,
+)
+from loraserve.ops import FusedOps, select_fused_ops
 from loraserve.ops.attention import AttentionMeta
 from loraserve.ops.lora import LoRASegments
 
@@ -39,10 +47,18 @@ class ForwardContext:
 
 class Attention(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, layer: int, lora: dict[str, LoRALayerWeights] | None, dtype, device
+        self,
+        cfg: ModelConfig,
+        layer: int,
+        lora: dict[str, LoRALayerWeights] | None,
+        dtype,
+        device,
+        fused: FusedOps | None = None,
     ) -> None:
         super().__init__()
         self.layer = layer
+        # Fused: rotates q and k in place in the qkv output (one kernel); torch: a rotated copy.
+        self.apply_rotary = fused.rotary if fused is not None else apply_rotary
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.qkv_proj = LoRALinear(
@@ -63,7 +79,7 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x, ctx.lora)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         heads = self.num_heads + self.num_kv_heads
-        qk = apply_rotary(qkv[:, : q_size + kv_size].view(-1, heads, self.head_dim), *rope)
+        qk = self.apply_rotary(qkv[:, : q_size + kv_size].view(-1, heads, self.head_dim), *rope)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, q_size + kv_size :].view(-1, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = ctx.kv_caches[self.layer]
@@ -73,9 +89,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, lora: dict[str, LoRALayerWeights] | None, dtype, device) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        lora: dict[str, LoRALayerWeights] | None,
+        dtype,
+        device,
+        fused: FusedOps | None = None,
+    ) -> None:
         super().__init__()
-        self.intermediate = cfg.intermediate_size
+        self.silu_and_mul = fused.silu_and_mul if fused is not None else silu_and_mul
         self.gate_up_proj = LoRALinear(
             cfg.hidden_size,
             [cfg.intermediate_size] * 2,
@@ -92,24 +115,55 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, lora: LoRASegments | None) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x, lora)
-        act = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
-        return self.down_proj(act, lora)
+        return self.down_proj(self.silu_and_mul(self.gate_up_proj(x, lora)), lora)
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer.
+
+    Two forwards computing the same function: :meth:`forward` (the torch path, one residual stream)
+    and :meth:`forward_fused` (with :class:`~loraserve.ops.FusedOps`: vLLM's layout, where each residual
+    add is fused into the following RMSNorm and the stream is carried beside the layer output).
+    """
+
     def __init__(
-        self, cfg: ModelConfig, layer: int, lora: dict[str, LoRALayerWeights] | None, dtype, device
+        self,
+        cfg: ModelConfig,
+        layer: int,
+        lora: dict[str, LoRALayerWeights] | None,
+        dtype,
+        device,
+        fused: FusedOps | None = None,
     ) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, layer, lora, dtype, device)
-        self.mlp = MLP(cfg, lora, dtype, device)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.self_attn = Attention(cfg, layer, lora, dtype, device, fused)
+        self.mlp = MLP(cfg, lora, dtype, device, fused)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, fused)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, fused)
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, ctx)
         return x + self.mlp(self.post_attention_layernorm(x), ctx.lora)
+
+    def forward_fused(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        ctx: ForwardContext,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mlp_out, residual)``, whose sum is :meth:`forward`'s output.
+
+        ``x``: the previous layer's MLP output, to be added to ``residual`` (in place); for the first
+        layer the embeddings, with ``residual`` None. ``x`` is overwritten.
+        """
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h = self.input_layernorm.add_norm_(x, residual)
+        h = self.post_attention_layernorm.add_norm_(self.self_attn(h, rope, ctx), residual)
+        return self.mlp(h, ctx.lora), residual
 
 
 class LlamaModel(nn.Module):
@@ -127,11 +181,13 @@ class LlamaModel(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.embed_tokens.weight.requires_grad_(False)
+        # GPU: fused Triton norm / activation / rotary kernels; CPU: the torch code (their reference).
+        self.fused = select_fused_ops(torch.device(device))
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, lora_layers[i] if lora_layers else None, dtype, device)
+            DecoderLayer(cfg, i, lora_layers[i] if lora_layers else None, dtype, device, self.fused)
             for i in range(cfg.num_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, self.fused)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
         self.lm_head: nn.Module | None = None
         if not cfg.tie_word_embeddings:
@@ -150,9 +206,16 @@ class LlamaModel(nn.Module):
         """``input_ids``, ``positions``: ``[T]``; returns float32 logits ``[len(logits_indices), vocab]``."""
         x = self.embed_tokens(input_ids)
         rope = self.rotary.tables(positions)
-        for layer in self.layers:
-            x = layer(x, rope, ctx)
-        x = self.norm(x[logits_indices])
+        if self.fused is None:
+            for layer in self.layers:
+                x = layer(x, rope, ctx)
+            x = self.norm(x[logits_indices])
+        else:
+            residual = None
+            for layer in self.layers:
+                x, residual = layer.forward_fused(x, residual, rope, ctx)
+            # Only the sampled rows need the last residual add and the final norm.
+            x = self.norm.add_norm_(x[logits_indices], residual[logits_indices])
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()
 

@@ -131,6 +131,9 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--top", type=int, default=22)
     ap.add_argument("--lora-adapters", type=int, default=32, help="adapters for the LoRA profile (0: skip)")
+    ap.add_argument(
+        "--workload-requests", type=int, default=400, help="requests of the workload window (0: skip it)"
+    )
     ap.add_argument("--out", default="benchmarks/results/profile.json")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="prof-7b-"))
@@ -154,9 +157,10 @@ def main() -> None:
         r = decode_profile(llm, b, args.ctx, [None], args.top)
         results[f"a_decode_{b}"] = r
         show(f"(a) decode batch {b} ctx {args.ctx}", r)
-    r = workload_profile(llm, 400, [None], args.top)
-    results["a_workload"] = r
-    show("(a) workload window (steps 44-73 of 400 requests)", r)
+    if args.workload_requests:
+        r = workload_profile(llm, args.workload_requests, [None], args.top)
+        results["a_workload"] = r
+        show(f"(a) workload window (steps 44-73 of {args.workload_requests} requests)", r)
     out.write_text(json.dumps(results, indent=2))
     del llm
     torch.cuda.empty_cache()
@@ -171,9 +175,10 @@ def main() -> None:
         r = decode_profile(llm, 64, args.ctx, names, args.top)
         results["d_decode_64"] = r
         show(f"(d) decode batch 64, {len(names)} adapters", r)
-        r = workload_profile(llm, 400, names, args.top)
-        results["d_workload"] = r
-        show(f"(d) workload window, {len(names)} adapters", r)
+        if args.workload_requests:
+            r = workload_profile(llm, args.workload_requests, names, args.top)
+            results["d_workload"] = r
+            show(f"(d) workload window, {len(names)} adapters", r)
     out.write_text(json.dumps(results, indent=2))
 
 

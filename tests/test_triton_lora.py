@@ -11,6 +11,7 @@ import math
 import os
 import random
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -23,12 +24,19 @@ triton = pytest.importorskip("triton")
 
 from loraserve.ops.lora import LoRASegments, lora_apply, lora_expand, lora_shrink  # noqa: E402
 from loraserve.ops.triton_lora import (  # noqa: E402
+    MAX_DECODE_RANK,
+    DecodeExpandConfig,
+    DecodeShrinkConfig,
     ExpandConfig,
     ShrinkConfig,
     _shrink_kernel,
+    expand_config,
     lora_apply_triton,
     lora_expand_triton,
     lora_shrink_triton,
+    shrink_config,
+    tiled_expand_config,
+    tiled_shrink_config,
 )
 
 _INTERPRETED = type(_shrink_kernel).__name__ == "InterpretedFunction"
@@ -75,13 +83,15 @@ def _assignment(pattern: str, num_tokens: int, rng: random.Random) -> list[int |
         weights = [1 / (k + 1) ** 1.2 for k in range(8)]
         ids = sorted(rng.choices(range(8), weights=weights, k=num_tokens))
         return list(ids)
-    if pattern in ("base_mixed", "padded"):
+    if pattern in ("base_mixed", "padded", "decode"):
         # Base tokens between and after adapter runs (the runner puts them last; the ops do not care).
+        # "decode": runs of 1-3 tokens (one decode step, or a few speculative tokens, per sequence).
+        longest, p_adapter = (3, 0.8) if pattern == "decode" else (6, 0.7)
         out: list[int | None] = []
         adapter = 0
         while len(out) < num_tokens:
-            run = rng.randint(1, 6)
-            out += [adapter if rng.random() < 0.7 else None] * run
+            run = rng.randint(1, longest)
+            out += [adapter if rng.random() < p_adapter else None] * run
             adapter += 1
         return out[:num_tokens]
     raise ValueError(pattern)
@@ -97,18 +107,20 @@ def make_case(
     *,
     pad_to: int = 0,
     fixed_max_rank: int = 0,
+    rank_choices: Sequence[int] = RANKS,
     device: str = DEVICE,
 ) -> Case:
     """Random pool with mixed-rank adapters at scattered rows, and a step's segments over it.
 
     ``pad_to``: pad the segment tensors with zero-length entries (also one in the middle) up to this
-    capacity, as a CUDA-graph runner does; ``fixed_max_rank``: use this ``max_rank`` instead of the batch's.
+    capacity, as a CUDA-graph runner does; ``fixed_max_rank``: use this ``max_rank`` instead of the batch's;
+    ``rank_choices``: the ranks adapters draw from.
     """
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     assign = _assignment(pattern, num_tokens, rng)
     adapters = sorted({i for i in assign if i is not None})
-    ranks = {ad: rng.choice(RANKS) for ad in adapters}
+    ranks = {ad: rng.choice(rank_choices) for ad in adapters}
     rows: dict[int, int] = {}
     next_row = 3  # rows 0..2 and the gaps between adapters belong to nobody
     for ad in rng.sample(adapters, len(adapters)):
@@ -177,15 +189,21 @@ def _check_y(y: torch.Tensor, ref: torch.Tensor, case: Case, y0: torch.Tensor, d
     assert torch.equal(y[~case.covered], y0[~case.covered]), "base tokens must be untouched"
 
 
-def _run_all(case: Case, dtype: torch.dtype) -> None:
-    """Shrink, expand (on the reference t) and apply, each against the reference."""
+def _run_all(
+    case: Case,
+    dtype: torch.dtype,
+    shrink_cfg: ShrinkConfig | DecodeShrinkConfig | None = None,
+    expand_cfg: ExpandConfig | DecodeExpandConfig | None = None,
+) -> None:
+    """Shrink and expand (on the reference t) with the given configs, then apply with the defaults,
+    each against the reference."""
     t_ref = lora_shrink(case.x, case.a, case.meta)
-    _check_t(lora_shrink_triton(case.x, case.a, case.meta), t_ref, case, dtype)
+    _check_t(lora_shrink_triton(case.x, case.a, case.meta, shrink_cfg), t_ref, case, dtype)
 
     y_ref = case.y.clone()
     lora_expand(y_ref, t_ref, case.b, case.meta)
     y = case.y.clone()
-    lora_expand_triton(y, t_ref, case.b, case.meta)
+    lora_expand_triton(y, t_ref, case.b, case.meta, expand_cfg)
     _check_y(y, y_ref, case, case.y, dtype)
 
     y_ref = case.y.clone()
@@ -208,15 +226,42 @@ PATTERNS = [
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize(
-    ("pattern", "num_tokens", "in_features", "outs"), PATTERNS, ids=[p[0] for p in PATTERNS]
-)
-def test_kernels_match_reference(
+def _num_sms() -> int:
+    return torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 1
+
+
+def _tiled_configs(case: Case) -> tuple[ShrinkConfig, ExpandConfig]:
+    """The tiled kernels' heuristic configs for ``case``, also where the default is the decode kernels."""
+    assert case.meta.seg_len is not None
+    num_tokens, in_features = case.x.shape
+    num_segs = case.meta.seg_len.numel()
+    max_rank = case.meta.max_rank
+    shrink = tiled_shrink_config(
+        num_tokens, num_segs, in_features, case.a.shape[1], max_rank, case.x.element_size(), _num_sms()
+    )
+    return shrink, tiled_expand_config(num_tokens, num_segs, max_rank)
+
+
+def _default_shrink_config(case: Case) -> ShrinkConfig | DecodeShrinkConfig:
+    """The shrink config the heuristic picks for ``case``."""
+    assert case.meta.seg_len is not None
+    num_tokens, in_features = case.x.shape
+    return shrink_config(
+        num_tokens,
+        case.meta.seg_len.numel(),
+        in_features,
+        case.a.shape[1],
+        case.meta.max_rank,
+        case.x.element_size(),
+        _num_sms(),
+    )
+
+
+def _pattern_case(
     pattern: str, num_tokens: int, in_features: int, outs: list[int], dtype: torch.dtype
-) -> None:
+) -> Case:
     padded = pattern == "padded"
-    case = make_case(
+    return make_case(
         pattern,
         num_tokens,
         in_features,
@@ -226,7 +271,108 @@ def test_kernels_match_reference(
         pad_to=num_tokens + 2 if padded else 0,
         fixed_max_rank=128 if padded else 0,
     )
-    _run_all(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize(
+    ("pattern", "num_tokens", "in_features", "outs"), PATTERNS, ids=[p[0] for p in PATTERNS]
+)
+def test_kernels_match_reference(
+    pattern: str, num_tokens: int, in_features: int, outs: list[int], dtype: torch.dtype
+) -> None:
+    """The default kernels: decode for every pattern but ``identical`` (23 tokens in one segment)."""
+    _run_all(_pattern_case(pattern, num_tokens, in_features, outs, dtype), dtype)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "num_tokens", "in_features", "outs"), PATTERNS, ids=[p[0] for p in PATTERNS]
+)
+def test_tiled_kernels_match_reference(
+    pattern: str, num_tokens: int, in_features: int, outs: list[int]
+) -> None:
+    """The tiled kernels at the tile sizes their heuristic picks for the batch, also for decode-like
+    batches (16-token tiles); bf16 exercises the interpreter upcast."""
+    dtype = torch.bfloat16
+    case = _pattern_case(pattern, num_tokens, in_features, outs, dtype)
+    _run_all(case, dtype, *_tiled_configs(case))
+
+
+# Rank mixes of the decode tests: every rank chunk of the decode expand (16/32/64/128), full and partial.
+DECODE_RANKS = [1, 4, 16, 17, 33, 64, 100, 128]
+# (T, in, outs, max_rank, dtype): S = 1, 2, 3; widths that are and are not multiples of the column
+# tiles; K that is and is not a multiple of the K step; each dtype once.
+DECODE_SHAPES = [
+    (31, 72, [200], 64, torch.float32),
+    (28, 96, [136, 40], 128, torch.bfloat16),
+    (33, 64, [300, 64, 48], 64, torch.float16),
+]
+# Forced decode configs. "one_per_tile": the smallest grid (one program per possible tile, so the active
+# tiles get 1-3 programs each): programs loop over several column tiles (across slices) and, for large
+# ranks, several fused-column tiles with full K. "many": each tile gets several programs (K splits
+# with atomics, runs of one column tile, idle programs), with the smallest K step and B tile.
+DECODE_CONFIGS: dict[str, tuple[DecodeShrinkConfig, DecodeExpandConfig]] = {
+    "one_per_tile": (DecodeShrinkConfig(programs=1, block_k=32), DecodeExpandConfig(programs=1)),
+    "many": (DecodeShrinkConfig(programs=96, block_k=16), DecodeExpandConfig(programs=96, b_tile=2048)),
+}
+
+
+def _decode_case(
+    num_tokens: int, in_features: int, outs: list[int], max_rank: int, dtype: torch.dtype
+) -> Case:
+    """A decode batch as a CUDA graph captures it: runs of 1-3 tokens of distinct adapters with base
+    tokens between, segment tensors padded to ``N_cap = T`` with zero-length entries, ``max_rank``
+    fixed above most adapters' ranks."""
+    case = make_case(
+        "decode",
+        num_tokens,
+        in_features,
+        outs,
+        dtype,
+        seed=zlib.crc32(f"decode-{num_tokens}-{dtype}".encode()),
+        pad_to=num_tokens,
+        fixed_max_rank=max_rank,
+        rank_choices=[r for r in DECODE_RANKS if r <= max_rank],
+    )
+    assert isinstance(_default_shrink_config(case), DecodeShrinkConfig)
+    return case
+
+
+@pytest.mark.parametrize("configs", ["default", *DECODE_CONFIGS])
+@pytest.mark.parametrize(
+    ("num_tokens", "in_features", "outs", "max_rank", "dtype"), DECODE_SHAPES, ids=["S1", "S2", "S3"]
+)
+def test_decode_kernels(
+    num_tokens: int, in_features: int, outs: list[int], max_rank: int, dtype: torch.dtype, configs: str
+) -> None:
+    """The decode kernels with the default configs and with forced work splits."""
+    case = _decode_case(num_tokens, in_features, outs, max_rank, dtype)
+    _run_all(case, dtype, *DECODE_CONFIGS.get(configs, (None, None)))
+
+
+@pytest.mark.parametrize("configs", ["default", *DECODE_CONFIGS])
+def test_decode_kernels_long_segment(configs: str) -> None:
+    """A graph batch where one adapter has most tokens: the decode kernels cut it into 16-token tiles."""
+    dtype = torch.float32
+    case = make_case(
+        "identical", 40, 64, [96, 40], dtype, seed=5, pad_to=40, fixed_max_rank=64, rank_choices=[33]
+    )
+    assert isinstance(_default_shrink_config(case), DecodeShrinkConfig)
+    _run_all(case, dtype, *DECODE_CONFIGS.get(configs, (None, None)))
+
+
+def test_config_selection() -> None:
+    """Decode kernels for <= 16 tokens per segment (padded N) and max_rank <= 128, tiled otherwise."""
+    assert isinstance(shrink_config(64, 64, 4096, 3, 64, 2, 132), DecodeShrinkConfig)
+    assert isinstance(expand_config(64, 64, 64, 2, 132), DecodeExpandConfig)
+    assert isinstance(shrink_config(2048, 4, 4096, 3, 64, 2, 132), ShrinkConfig)
+    assert isinstance(expand_config(2048, 4, 64, 2, 132), ExpandConfig)
+    assert isinstance(expand_config(64, 64, 2 * MAX_DECODE_RANK, 2, 132), ExpandConfig)
+    with pytest.raises(ValueError, match="b_tile"):
+        DecodeExpandConfig(programs=8, b_tile=1000)
+    case = make_case("decode", 12, 32, [16], torch.float32, seed=3, fixed_max_rank=2 * MAX_DECODE_RANK)
+    t = lora_shrink(case.x, case.a, case.meta)
+    with pytest.raises(ValueError, match="max_rank"):
+        lora_expand_triton(case.y, t, case.b, case.meta, DecodeExpandConfig(programs=8))
 
 
 @pytest.mark.parametrize(
@@ -302,6 +448,32 @@ def test_gpu_llama_sizes(layer: str, num_tokens: int) -> None:
     dtype = torch.bfloat16
     case = make_case("spread256", num_tokens, in_features, outs, dtype, seed=num_tokens)
     _run_all(case, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("pattern", "num_tokens"), [("uniform", 2048), ("zipf", 300), ("spread256", 256)])
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_gpu_tiled_llama_sizes(layer: str, pattern: str, num_tokens: int) -> None:
+    """The tiled kernels: prefill batches (their default: 512 and ~40 tokens per segment) and, forced,
+    a decode batch."""
+    in_features, outs = LAYERS[layer]
+    dtype = torch.bfloat16
+    case = make_case(pattern, num_tokens, in_features, outs, dtype, seed=num_tokens)
+    _run_all(case, dtype, *_tiled_configs(case))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("configs", ["default", *DECODE_CONFIGS])
+@pytest.mark.parametrize("num_tokens", [64, 256])
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_gpu_decode_graph_sizes(layer: str, num_tokens: int, configs: str) -> None:
+    """Decode batches as the engine's CUDA graphs see them (N_cap = T, max_rank 64) at Llama sizes."""
+    in_features, outs = LAYERS[layer]
+    dtype = torch.bfloat16
+    case = _decode_case(num_tokens, in_features, outs, 64, dtype)
+    _run_all(case, dtype, *DECODE_CONFIGS.get(configs, (None, None)))
 
 
 @pytest.mark.gpu

@@ -10,21 +10,34 @@ with ``a: [R, S, in]``, ``b[s]: [R, out_s]`` (scale folded in), ``x: [T, in]``, 
 maximum rank: every load of adapter rows is masked by the segment's own rank, so an adapter costs the
 bytes of its own rows only.
 
-Work decomposition (both kernels). Each segment is cut into tiles of ``BLOCK_M`` tokens; program
-``pid`` of grid axis 0 finds its ``(segment, tile)`` by a prefix sum over ``cdiv(seg_len, BLOCK_M)``
-computed inside the kernel (no host sync, no extra launch). Since
-``sum_i cdiv(len_i, BLOCK_M) <= cdiv(T, BLOCK_M) + N``, a grid of ``cdiv(T, BLOCK_M) + N`` programs
-covers every tile for *any* split of ``T`` tokens into ``N`` segments; the surplus programs return at
-once. Decode (one token per segment, hundreds of adapters) thus gets one program per segment and
-reads each active adapter's rows once; prefill (long segments) gets ``BLOCK_M``-token tiles fed to
-``tl.dot``. Base-model tokens belong to no segment, get no tile, and cost nothing.
+Segment tiles (both kernel families). Each segment is cut into tiles of ``BLOCK_M`` tokens, numbered
+segment after segment by a prefix sum over ``cdiv(seg_len, BLOCK_M)`` computed inside the kernel (no
+host sync, no extra launch). Since ``sum_i cdiv(len_i, BLOCK_M) <= cdiv(T, BLOCK_M) + N``, that bound
+covers every tile for *any* split of ``T`` tokens into ``N`` segments. Base-model tokens belong to no
+segment, get no tile, and cost nothing.
 
-CUDA graphs. The grid depends only on host-known sizes: ``T = x.shape[0]``, ``N = seg_len.numel()``,
+Two kernel families, picked on the host from the mean tokens per segment ``T / N``:
+
+* Tiled (prefill, long segments; :class:`ShrinkConfig` / :class:`ExpandConfig`). Grid axis 0 has one
+  program per possible tile (``cdiv(T, BLOCK_M) + N``; surplus programs return at once), axis 1 the
+  column blocks, shrink's axis 2 its K splits. ``BLOCK_M``-token tiles feed ``tl.dot``.
+* Decode (1-16 tokens per segment; :class:`DecodeShrinkConfig` / :class:`DecodeExpandConfig`). A 1-D
+  grid of ``P >= cdiv(T, 16) + N`` programs (``P`` ~ a few per SM) is shared at run time by the
+  *active* tiles: with ``n`` of them, each gets ``P // n`` programs, which split its work (expand:
+  runs of column tiles of all slices; shrink: 16-column tiles of the adapter's ``r * S`` fused
+  columns, times K splits). One tile per segment of up to 16 tokens, so each adapter's rows are
+  read once; each program streams several tiles of weights through a pipelined loop instead of
+  thousands of programs moving a few KB each; the loops use the segment's own rank (shrink: its
+  fused columns; expand: a rank chunk of 16/32/64/128, the smallest that holds it), not
+  ``max_rank``. The split adapts to the real number of segments, which the host does not know
+  under CUDA graphs.
+
+CUDA graphs. Grids depend only on host-known sizes: ``T = x.shape[0]``, ``N = seg_len.numel()``,
 ``max_rank`` and the layer's shapes. To capture at a fixed batch size, the caller pads the segment
 tensors to a fixed capacity ``N_cap``: entries past the real segments get ``seg_len = 0`` (their
 ``seg_start``/``seg_row``/``seg_rank`` are never read; 0 is fine), ``T`` is the padded token count (the
 padding tokens belong to no segment) and ``meta.max_rank`` is fixed to the largest rank the engine
-admits, so ``BLOCK_R`` and ``t``'s shape stay constant across replays. New steps ``copy_`` their
+admits, so block sizes and ``t``'s shape stay constant across replays. New steps ``copy_`` their
 segments into the same tensors before replay. The ops never read ``meta.segments``.
 """
 
@@ -49,14 +62,27 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Expand takes the S slices' B tensors as separate pointers (they need not share storage).
 _MAX_SLICES = 3
 
+# Decode kernels: token tile (the smallest tl.dot tile; one per segment of up to 16 tokens), shrink's
+# fused-column tile (the smallest tl.dot tile: a rank-16 o-proj adapter is one tile, not a masked
+# max_rank-wide one) and the largest rank the expand's rank chunks (16/32/64/128) hold.
+DECODE_BLOCK_M = 16
+DECODE_SHRINK_BLOCK_N = 16
+MAX_DECODE_RANK = 128
+# Decode grids: programs per SM. A few resident programs per SM, each streaming tens of KB through a
+# pipelined loop, keep enough loads in flight to approach copy bandwidth. The grid should fit in one
+# wave: on sm_90 the shrink needs ~70 registers per thread and 24 KB of shared memory (6+ programs
+# fit per SM), the expand 110-140 registers at 8 KB B tiles (3-4 fit).
+_DECODE_SHRINK_PROGRAMS_PER_SM = 4
+_DECODE_EXPAND_PROGRAMS_PER_SM = 3
+
 
 @dataclass(frozen=True)
 class ShrinkConfig:
-    """Tile sizes of :func:`lora_shrink_triton`.
+    """Tile sizes of the tiled (prefill) shrink kernel.
 
-    ``block_n`` tiles the ``r * S`` fused output columns (all slices of an adapter at once, so ``x`` is
-    read once for every slice); ``split_k`` > 1 splits ``in`` across programs that ``atomic_add``
-    into ``t`` (more parallelism when few tiles exist, e.g. one adapter).
+    ``block_n`` tiles the ``max_rank * S`` fused output columns (all slices of an adapter at once, so
+    ``x`` is read once for every slice); ``split_k`` > 1 splits ``in`` across programs that
+    ``atomic_add`` into ``t`` (more parallelism when few tiles exist, e.g. one adapter).
     """
 
     block_m: int
@@ -69,13 +95,49 @@ class ShrinkConfig:
 
 @dataclass(frozen=True)
 class ExpandConfig:
-    """Tile sizes of :func:`lora_expand_triton`: ``block_r`` is the rank chunk of the inner loop."""
+    """Tile sizes of the tiled (prefill) expand kernel: ``block_r`` is the rank chunk of the inner loop."""
 
     block_m: int
     block_n: int
     block_r: int
     num_warps: int = 4
     num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class DecodeShrinkConfig:
+    """Decode shrink (module docstring): a 1-D grid of ``max(programs, cdiv(T, 16) + N)`` programs.
+
+    The active tiles share the grid; a tile's programs take its 16-wide fused-column tiles
+    (``cdiv(r * S, 16)``, from the segment's own rank) and split ``in`` over the programs the column
+    tiles leave free, at most ``k_tiles // 2`` ways so that a split streams >= 2 ``block_k`` steps
+    (partial sums ``atomic_add`` into the zeroed ``t``).
+    """
+
+    programs: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+@dataclass(frozen=True)
+class DecodeExpandConfig:
+    """Decode expand (module docstring): a 1-D grid of ``max(programs, cdiv(T, 16) + N)`` programs.
+
+    Each program of a tile takes a run of consecutive column tiles (slice 0's, then slice 1's, ...).
+    ``b_tile`` is the number of B elements one loop step loads: a segment of rank ``r`` uses the rank
+    chunk ``BLOCK_R``, the smallest of 16/32/64/128 that holds ``r``, and ``BLOCK_N = b_tile // BLOCK_R``
+    columns, so every chunk streams the same bytes per step.
+    """
+
+    programs: int
+    b_tile: int = 4096
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def __post_init__(self) -> None:
+        if self.b_tile < 16 * MAX_DECODE_RANK or self.b_tile & (self.b_tile - 1):
+            raise ValueError(f"b_tile must be a power of two >= {16 * MAX_DECODE_RANK}, got {self.b_tile}")
 
 
 def _block_m(num_tokens: int, num_segs: int) -> int:
@@ -87,8 +149,14 @@ def _block_m(num_tokens: int, num_segs: int) -> int:
     return 32 if mean <= 48 else 64
 
 
+def _use_decode(num_tokens: int, num_segs: int, max_rank: int) -> bool:
+    """Decode kernels for decode-like batches (<= 16 tokens per segment on average) whose ranks fit the
+    decode expand's largest rank chunk."""
+    return _block_m(num_tokens, num_segs) == DECODE_BLOCK_M and max_rank <= MAX_DECODE_RANK
+
+
 @functools.lru_cache(maxsize=256)
-def shrink_config(
+def tiled_shrink_config(
     num_tokens: int,
     num_segs: int,
     in_features: int,
@@ -97,7 +165,11 @@ def shrink_config(
     elem_size: int,
     num_sms: int,
 ) -> ShrinkConfig:
-    """Heuristic tiles for shrink, keyed on the layer shape, ``max_rank`` and the batch shape."""
+    """Heuristic tiles for the tiled shrink, keyed on the layer shape, ``max_rank`` and the batch shape.
+
+    The default for prefill-like batches; for decode-like ones it is the configuration before the
+    decode kernels existed (benchmarks compare the two).
+    """
     block_m = _block_m(num_tokens, num_segs)
     # tl.dot needs every tile dim >= 16; 128 fused columns keep the fp32 accumulator in registers.
     block_n = min(max(16, triton.next_power_of_2(num_slices * max_rank)), 128)
@@ -115,36 +187,124 @@ def shrink_config(
 
 
 @functools.lru_cache(maxsize=256)
-def expand_config(num_tokens: int, num_segs: int, max_rank: int) -> ExpandConfig:
-    """Heuristic tiles for expand, keyed on ``max_rank`` and the batch shape."""
+def tiled_expand_config(num_tokens: int, num_segs: int, max_rank: int) -> ExpandConfig:
+    """Heuristic tiles for the tiled expand, keyed on ``max_rank`` and the batch shape (see
+    :func:`tiled_shrink_config`)."""
     block_m = _block_m(num_tokens, num_segs)
     block_r = min(max(16, triton.next_power_of_2(max_rank)), 64)
-    # Decode: wide column tiles so that each program moves a useful number of B bytes
+    # Decode-like: wide column tiles so that each program moves a useful number of B bytes
     # (rank * 256 * 2 bytes); prefill: 64 x 128 accumulator.
     block_n = 256 if block_m == 16 and block_r <= 32 else 128
     return ExpandConfig(block_m, block_n, block_r, num_warps=8 if block_m == 64 else 4)
+
+
+@functools.lru_cache(maxsize=256)
+def shrink_config(
+    num_tokens: int,
+    num_segs: int,
+    in_features: int,
+    num_slices: int,
+    max_rank: int,
+    elem_size: int,
+    num_sms: int,
+) -> ShrinkConfig | DecodeShrinkConfig:
+    """Default shrink configuration: decode kernel for decode-like batches, else tiled."""
+    if _use_decode(num_tokens, num_segs, max_rank):
+        # 256 bytes of each row per K step: [16, block_k] tiles of x and A, 4 KB of A per step.
+        return DecodeShrinkConfig(programs=_DECODE_SHRINK_PROGRAMS_PER_SM * num_sms, block_k=256 // elem_size)
+    return tiled_shrink_config(num_tokens, num_segs, in_features, num_slices, max_rank, elem_size, num_sms)
+
+
+@functools.lru_cache(maxsize=256)
+def expand_config(
+    num_tokens: int, num_segs: int, max_rank: int, elem_size: int, num_sms: int
+) -> ExpandConfig | DecodeExpandConfig:
+    """Default expand configuration: decode kernel for decode-like batches, else tiled."""
+    if _use_decode(num_tokens, num_segs, max_rank):
+        # 8 KB of B per loop step: 4096 bf16/fp16 or 2048 fp32 elements.
+        return DecodeExpandConfig(programs=_DECODE_EXPAND_PROGRAMS_PER_SM * num_sms, b_tile=8192 // elem_size)
+    return tiled_expand_config(num_tokens, num_segs, max_rank)
 
 
 @functools.lru_cache(maxsize=16)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # interpreter (CPU tensors): no SMs to fill, so the heuristics never split K
+    return 1  # interpreter (CPU tensors): no SMs to fill, so the heuristics never split
+
+
+@triton.jit
+def _segment_tiles(seg_len_ptr, num_segs, BLOCK_M: tl.constexpr, BLOCK_SEG: tl.constexpr):
+    """``(idx, tiles, ends)`` over ``BLOCK_SEG`` segment slots: tiles of each segment and their
+    inclusive prefix sum (tiles are numbered segment after segment; zero-length segments own none)."""
+    idx = tl.arange(0, BLOCK_SEG)
+    lens = tl.load(seg_len_ptr + idx, mask=idx < num_segs, other=0)
+    tiles = (lens + BLOCK_M - 1) // BLOCK_M
+    return idx, tiles, tl.cumsum(tiles, axis=0)
+
+
+@triton.jit
+def _locate_tile(tile, idx, tiles, ends, BLOCK_M: tl.constexpr):
+    """``(segment, first token offset in it)`` of tile number ``tile``; segment >= num_segs past the last."""
+    seg = tl.sum((ends <= tile).to(tl.int32), axis=0)
+    first_tile = tl.sum(tl.where(idx == seg, ends - tiles, 0), axis=0)
+    return seg, (tile - first_tile) * BLOCK_M
 
 
 @triton.jit
 def _segment_tile(pid, seg_len_ptr, num_segs, BLOCK_M: tl.constexpr, BLOCK_SEG: tl.constexpr):
-    """Map program ``pid`` to ``(segment, first token offset in it)``; segment >= num_segs: no work.
+    """Tiled kernels: program ``pid`` takes tile ``pid``; segment >= num_segs: no work."""
+    idx, tiles, ends = _segment_tiles(seg_len_ptr, num_segs, BLOCK_M, BLOCK_SEG)
+    return _locate_tile(pid, idx, tiles, ends, BLOCK_M)
 
-    Tiles are numbered segment after segment; zero-length (padding) segments own no tile.
+
+@triton.jit
+def _decode_tile(seg_len_ptr, num_segs, BLOCK_M: tl.constexpr, BLOCK_SEG: tl.constexpr):
+    """Decode kernels: ``(segment, first token offset, q, per_tile)`` of this program.
+
+    The active tiles share the grid equally, ``per_tile = num_programs // active tiles`` each (>= 1:
+    the grid has at least one program per possible tile); this program is number ``q`` of its tile.
+    Segment >= num_segs: no work.
     """
-    idx = tl.arange(0, BLOCK_SEG)
-    lens = tl.load(seg_len_ptr + idx, mask=idx < num_segs, other=0)
-    tiles = (lens + BLOCK_M - 1) // BLOCK_M
-    ends = tl.cumsum(tiles, axis=0)
-    seg = tl.sum((ends <= pid).to(tl.int32), axis=0)
-    first_tile = tl.sum(tl.where(idx == seg, ends - tiles, 0), axis=0)
-    return seg, (pid - first_tile) * BLOCK_M
+    idx, tiles, ends = _segment_tiles(seg_len_ptr, num_segs, BLOCK_M, BLOCK_SEG)
+    per_tile = tl.num_programs(0) // tl.maximum(tl.sum(tiles, axis=0), 1)
+    pid = tl.program_id(0)
+    seg, m0 = _locate_tile(pid // per_tile, idx, tiles, ends, BLOCK_M)
+    return seg, m0, pid % per_tile, per_tile
+
+
+@triton.jit
+def _shrink_k_loop(
+    acc,
+    x_ptrs,
+    a_ptrs,
+    mask_m,
+    mask_n,
+    offs_k,
+    k_lo,
+    k_hi,
+    stride_xk,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """``acc += x[:, k_lo:k_hi] @ a[:, k_lo:k_hi]^T`` over ``[BLOCK_M, BLOCK_K]`` / ``[BLOCK_N, BLOCK_K]`` tiles."""
+    for k in range(k_lo, k_hi, BLOCK_K):
+        # A K mask varies along the contiguous dim and defeats vectorised async copies (no
+        # pipelining): only emit it when `in` is not a multiple of BLOCK_K (never for real models).
+        if EVEN_K:
+            xt = tl.load(x_ptrs + k * stride_xk, mask=mask_m[:, None], other=0.0)
+            at = tl.load(a_ptrs + k, mask=mask_n[:, None], other=0.0)
+        else:
+            mask_k = (k + offs_k) < k_hi
+            xt = tl.load(x_ptrs + k * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            at = tl.load(a_ptrs + k, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            at = at.to(tl.float32)
+        acc = tl.dot(xt, tl.trans(at), acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
@@ -202,20 +362,9 @@ def _shrink_kernel(
     k_lo = tl.program_id(2) * k_chunk
     k_hi = tl.minimum(k_lo + k_chunk, in_features)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(k_lo, k_hi, BLOCK_K):
-        # A K mask varies along the contiguous dim and defeats vectorised async copies (no
-        # pipelining): only emit it when `in` is not a multiple of BLOCK_K (never for real models).
-        if EVEN_K:
-            xt = tl.load(x_ptrs + k * stride_xk, mask=mask_m[:, None], other=0.0)
-            at = tl.load(a_ptrs + k, mask=mask_n[:, None], other=0.0)
-        else:
-            mask_k = (k + offs_k) < k_hi
-            xt = tl.load(x_ptrs + k * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            at = tl.load(a_ptrs + k, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        if UPCAST:
-            xt = xt.to(tl.float32)
-            at = at.to(tl.float32)
-        acc = tl.dot(xt, tl.trans(at), acc, input_precision=PRECISION)
+    acc = _shrink_k_loop(
+        acc, x_ptrs, a_ptrs, mask_m, mask_n, offs_k, k_lo, k_hi, stride_xk, BLOCK_K, EVEN_K, PRECISION, UPCAST
+    )
 
     j = offs_n // NUM_SLICES
     s = offs_n % NUM_SLICES
@@ -225,6 +374,79 @@ def _shrink_kernel(
         tl.store(t_ptrs, acc, mask=mask)
     else:
         tl.atomic_add(t_ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _shrink_decode_kernel(
+    x_ptr,
+    a_ptr,
+    t_ptr,
+    seg_start_ptr,
+    seg_len_ptr,
+    seg_row_ptr,
+    seg_rank_ptr,
+    num_segs,
+    in_features,
+    stride_xm,
+    stride_xk,
+    stride_a,
+    stride_ts,
+    stride_tm,
+    stride_tr,
+    NUM_SLICES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_SEG: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    seg, m0, q, per_tile = _decode_tile(seg_len_ptr, num_segs, BLOCK_M, BLOCK_SEG)
+    if seg >= num_segs:
+        return
+    start = tl.load(seg_start_ptr + seg)
+    length = tl.load(seg_len_ptr + seg)
+    row = tl.load(seg_row_ptr + seg)
+    rank = tl.load(seg_rank_ptr + seg)
+
+    # This segment's own fused columns (n = j * S + s, as in _shrink_kernel), not max_rank's.
+    num_cols = rank * NUM_SLICES
+    col_tiles = tl.cdiv(num_cols, BLOCK_N)
+    k_tiles = tl.cdiv(in_features, BLOCK_K)
+    # Split K over the programs that the column tiles leave free, keeping >= 2 K steps per split (one
+    # adapter, or a few, still spreads over the GPU); recomputed so that no split is empty.
+    split = tl.maximum(tl.minimum(per_tile // col_tiles, k_tiles // 2), 1)
+    k_steps = tl.cdiv(k_tiles, split)
+    split = tl.cdiv(k_tiles, k_steps)
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < length
+    tok = (start + offs_m).to(tl.int64)
+    x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    # Work item w = (column tile w // split, K split w % split); this program takes every per_tile-th.
+    # More column tiles than programs (many segments): one program loops over several, full K each.
+    for w in range(q, col_tiles * split, per_tile):
+        offs_n = (w // split) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < num_cols
+        a_ptrs = a_ptr + (row * NUM_SLICES + offs_n).to(tl.int64)[:, None] * stride_a + offs_k[None, :]
+        k_lo = (w % split) * k_steps * BLOCK_K
+        k_hi = tl.minimum(k_lo + k_steps * BLOCK_K, in_features)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _shrink_k_loop(
+            acc, x_ptrs, a_ptrs, mask_m, mask_n, offs_k, k_lo, k_hi, stride_xk, BLOCK_K, EVEN_K, PRECISION,
+            UPCAST,
+        )  # fmt: skip
+        j = offs_n // NUM_SLICES
+        s = offs_n % NUM_SLICES
+        t_ptrs = t_ptr + s[None, :] * stride_ts + tok[:, None] * stride_tm + j[None, :] * stride_tr
+        mask = mask_m[:, None] & mask_n[None, :]
+        if split == 1:
+            tl.store(t_ptrs, acc, mask=mask)
+        else:
+            # Relaxed: the splits' sums need no ordering among themselves; expand runs after the kernel.
+            tl.atomic_add(t_ptrs, acc, mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -330,6 +552,190 @@ def _expand_kernel(
     tl.store(y_ptrs, (y_old.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _expand_slice_tiles(
+    y_rows,
+    t_ptrs,
+    t_mask,
+    b_ptr,
+    b_rows,
+    mask_r,
+    mask_m,
+    stride_b,
+    n_out,
+    col0,
+    lo,
+    hi,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Column tiles ``[lo, hi)`` of one slice (``n_out`` wide, at column ``col0`` of y):
+    ``y[rows, col0 + n] += t @ b[b_rows, n]``, one ``[BLOCK_R, BLOCK_N]`` B tile per step.
+
+    ``y_rows``: ``[BLOCK_M, 1]`` row pointers of y; ``t_ptrs``/``t_mask``: the slice's ``[BLOCK_M, BLOCK_R]``
+    t tile; ``b_rows``: ``[BLOCK_R, 1]`` pool rows (int64), valid where ``mask_r``.
+    """
+    # t rounded to B's dtype like the reference (t.to(b.dtype) @ b); the dot accumulates in fp32.
+    tt = tl.load(t_ptrs, mask=t_mask, other=0.0).to(b_ptr.dtype.element_ty)
+    if UPCAST:
+        tt = tt.to(tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    # Triton's pipeliner stages the B loads (they feed tl.dot) but not y's: y is loaded one tile ahead
+    # by hand, so its latency overlaps the previous tile. y's tile is addressed through scalars (first
+    # column in y, columns left; 0 past the run masks the whole tile) so that no [BLOCK_M, BLOCK_N]
+    # index tensor of the B loads' pipeline stage lives on to the store. Masked-off rows cost nothing.
+    y_col = col0 + lo * BLOCK_N
+    y_lim = n_out - lo * BLOCK_N
+    y_next = tl.load(
+        y_rows + (y_col + offs_n)[None, :], mask=mask_m[:, None] & (offs_n < y_lim)[None, :], other=0.0
+    )
+    for j in range(lo, hi):
+        cols = j * BLOCK_N + offs_n
+        bt = tl.load(
+            b_ptr + b_rows * stride_b + cols[None, :],
+            mask=mask_r[:, None] & (cols < n_out)[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            bt = bt.to(tl.float32)
+        acc = tl.dot(tt, bt, input_precision=PRECISION)
+
+        y_old = y_next
+        y_ptrs = y_rows + (y_col + offs_n)[None, :]
+        y_mask = mask_m[:, None] & (offs_n < y_lim)[None, :]
+        y_col = y_col + BLOCK_N
+        y_lim = tl.where(j + 1 < hi, y_lim - BLOCK_N, 0)
+        y_next = tl.load(
+            y_rows + (y_col + offs_n)[None, :], mask=mask_m[:, None] & (offs_n < y_lim)[None, :], other=0.0
+        )
+        tl.store(y_ptrs, (y_old.to(tl.float32) + acc).to(y_rows.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _expand_decode_tiles(
+    y_ptr,
+    t_ptr,
+    b0_ptr,
+    b1_ptr,
+    b2_ptr,
+    out0,
+    out1,
+    out2,
+    stride_b0,
+    stride_b1,
+    stride_b2,
+    stride_ym,
+    stride_ts,
+    stride_tm,
+    stride_tr,
+    tok,
+    mask_m,
+    row,
+    rank,
+    q,
+    per_tile,
+    NUM_SLICES: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Program ``q`` of the ``per_tile`` of one token tile (rows ``tok``, valid where ``mask_m``): adds
+    ``t @ b[row:row+rank]`` to its run of the tile's column tiles (slice 0's, then slice 1's, ...);
+    ``BLOCK_R >= rank``."""
+    nt0 = tl.cdiv(out0, BLOCK_N)
+    nt1 = tl.cdiv(out1, BLOCK_N)
+    nt2 = tl.cdiv(out2, BLOCK_N)
+    run = tl.cdiv(nt0 + nt1 + nt2, per_tile)
+    j_lo = q * run
+    j_hi = j_lo + run
+
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < rank
+    t_ptrs = t_ptr + tok[:, None] * stride_tm + offs_r[None, :] * stride_tr
+    t_mask = mask_m[:, None] & mask_r[None, :]
+    b_rows = (row + offs_r).to(tl.int64)[:, None]
+    y_rows = y_ptr + tok[:, None] * stride_ym
+    # One loop per slice the run touches, with the slice's pointers and sizes loop-invariant.
+    lo = j_lo
+    hi = tl.minimum(j_hi, nt0)
+    if lo < hi:
+        _expand_slice_tiles(
+            y_rows, t_ptrs, t_mask, b0_ptr, b_rows, mask_r, mask_m, stride_b0, out0, 0, lo, hi,
+            BLOCK_N, PRECISION, UPCAST,
+        )  # fmt: skip
+    if NUM_SLICES > 1:
+        lo = tl.maximum(j_lo, nt0) - nt0
+        hi = tl.minimum(j_hi, nt0 + nt1) - nt0
+        if lo < hi:
+            _expand_slice_tiles(
+                y_rows, t_ptrs + stride_ts, t_mask, b1_ptr, b_rows, mask_r, mask_m, stride_b1, out1, out0,
+                lo, hi, BLOCK_N, PRECISION, UPCAST,
+            )  # fmt: skip
+    if NUM_SLICES > 2:
+        lo = tl.maximum(j_lo, nt0 + nt1) - nt0 - nt1
+        hi = tl.minimum(j_hi - nt0 - nt1, nt2)
+        if lo < hi:
+            _expand_slice_tiles(
+                y_rows, t_ptrs + 2 * stride_ts, t_mask, b2_ptr, b_rows, mask_r, mask_m, stride_b2, out2,
+                out0 + out1, lo, hi, BLOCK_N, PRECISION, UPCAST,
+            )  # fmt: skip
+
+
+@triton.jit
+def _expand_decode_kernel(
+    y_ptr,
+    t_ptr,
+    b0_ptr,
+    b1_ptr,
+    b2_ptr,
+    seg_start_ptr,
+    seg_len_ptr,
+    seg_row_ptr,
+    seg_rank_ptr,
+    num_segs,
+    out0,
+    out1,
+    out2,
+    stride_b0,
+    stride_b1,
+    stride_b2,
+    stride_ym,
+    stride_ts,
+    stride_tm,
+    stride_tr,
+    NUM_SLICES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr,
+    B_TILE: tl.constexpr,
+    BLOCK_SEG: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    seg, m0, q, per_tile = _decode_tile(seg_len_ptr, num_segs, BLOCK_M, BLOCK_SEG)
+    if seg >= num_segs:
+        return
+    start = tl.load(seg_start_ptr + seg)
+    length = tl.load(seg_len_ptr + seg)
+    row = tl.load(seg_row_ptr + seg)
+    rank = tl.load(seg_rank_ptr + seg)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < length
+    tok = (start + offs_m).to(tl.int64)
+    # The smallest rank chunk (16 * 2**i: 16, 32, 64, 128) that holds this segment's rank, so that a
+    # rank-16 adapter in a batch with max_rank 64 loads [16, B_TILE // 16] B tiles; only the NUM_CHUNKS
+    # chunks up to max_rank are compiled. One loop per chunk size keeps each a single pipelined sweep.
+    chunk = (rank > 16).to(tl.int32) + (rank > 32).to(tl.int32) + (rank > 64).to(tl.int32)
+    for i in tl.static_range(NUM_CHUNKS):
+        if chunk == i:
+            _expand_decode_tiles(
+                y_ptr, t_ptr, b0_ptr, b1_ptr, b2_ptr, out0, out1, out2, stride_b0, stride_b1, stride_b2,
+                stride_ym, stride_ts, stride_tm, stride_tr, tok, mask_m, row, rank, q, per_tile,
+                NUM_SLICES, 16 * 2**i, B_TILE // (16 * 2**i), PRECISION, UPCAST,
+            )  # fmt: skip
+
+
 def _dot_args(dtype: torch.dtype) -> tuple[str, bool]:
     """``(input_precision, upcast)``: fp32 stays IEEE fp32 (as torch's default matmul); see ``_INTERPRET``."""
     precision = "ieee" if dtype == torch.float32 else "tf32"
@@ -348,8 +754,16 @@ def _block_seg(num_segs: int) -> int:
     return max(16, triton.next_power_of_2(num_segs))
 
 
+def _decode_grid(programs: int, num_tokens: int, num_segs: int) -> tuple[int]:
+    # At least one program per possible tile, so that every active tile gets >= 1 program.
+    return (max(programs, triton.cdiv(num_tokens, DECODE_BLOCK_M) + num_segs),)
+
+
 def lora_shrink_triton(
-    x: torch.Tensor, a: torch.Tensor, meta: LoRASegments, config: ShrinkConfig | None = None
+    x: torch.Tensor,
+    a: torch.Tensor,
+    meta: LoRASegments,
+    config: ShrinkConfig | DecodeShrinkConfig | None = None,
 ) -> torch.Tensor:
     """Shrink: ``t[s, i0:i1, :r] = x[i0:i1] @ a[row:row+r, s, :]^T`` for each segment.
 
@@ -358,7 +772,7 @@ def lora_shrink_triton(
         a: ``[R, S, in]`` A pool of one layer.
         meta: the step's segments; only the device tensors and ``max_rank`` are used (may be padded
             with zero-length segments, see the module docstring).
-        config: tile sizes; default :func:`shrink_config`.
+        config: kernel and tile sizes; default :func:`shrink_config`.
     Returns:
         ``t``: ``[S, T, max_rank]`` float32; rows of base tokens and columns past a segment's rank are 0.
     """
@@ -366,6 +780,7 @@ def lora_shrink_triton(
     num_slices = a.shape[1]
     if a.stride(2) != 1 or (num_slices > 1 and a.stride(0) != num_slices * a.stride(1)):
         raise ValueError("a must be contiguous in its last two dims (an adapter's rows form one block)")
+    # Zeroed: both kernels may split K and atomic_add (the decode one decides at run time).
     t = torch.zeros(num_slices, num_tokens, meta.max_rank, dtype=torch.float32, device=x.device)
     segs = _segment_tensors(meta)
     if segs is None or num_tokens == 0 or meta.max_rank == 0:
@@ -374,13 +789,8 @@ def lora_shrink_triton(
     cfg = config or shrink_config(
         num_tokens, num_segs, in_features, num_slices, meta.max_rank, x.element_size(), _num_sms(x.device)
     )
-    grid = (
-        triton.cdiv(num_tokens, cfg.block_m) + num_segs,
-        triton.cdiv(num_slices * meta.max_rank, cfg.block_n),
-        cfg.split_k,
-    )
     precision, upcast = _dot_args(x.dtype)
-    _shrink_kernel[grid](
+    args = (
         x,
         a,
         t,
@@ -393,18 +803,27 @@ def lora_shrink_triton(
         t.stride(0),
         t.stride(1),
         t.stride(2),
+    )
+    consts = dict(
         NUM_SLICES=num_slices,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         BLOCK_SEG=_block_seg(num_segs),
-        SPLIT_K=cfg.split_k,
         EVEN_K=in_features % cfg.block_k == 0,
         PRECISION=precision,
         UPCAST=upcast,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    if isinstance(cfg, DecodeShrinkConfig):
+        grid = _decode_grid(cfg.programs, num_tokens, num_segs)
+        _shrink_decode_kernel[grid](*args, BLOCK_M=DECODE_BLOCK_M, BLOCK_N=DECODE_SHRINK_BLOCK_N, **consts)
+    else:
+        grid = (
+            triton.cdiv(num_tokens, cfg.block_m) + num_segs,
+            triton.cdiv(num_slices * meta.max_rank, cfg.block_n),
+            cfg.split_k,
+        )
+        _shrink_kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, **consts)
     return t
 
 
@@ -413,11 +832,12 @@ def lora_expand_triton(
     t: torch.Tensor,
     b: Sequence[torch.Tensor],
     meta: LoRASegments,
-    config: ExpandConfig | None = None,
+    config: ExpandConfig | DecodeExpandConfig | None = None,
 ) -> None:
     """Expand in place: ``y[i0:i1, off_s:off_s+out_s] += t[s, i0:i1, :r] @ b[s][row:row+r]``.
 
-    One launch for all slices; each slice's product lands in its own column range of ``y``.
+    One launch for all slices; each slice's product lands in its own column range of ``y``. Reads
+    ``t`` only on segment rows and below each segment's rank.
 
     Args:
         y: ``[T, sum_s out_s]`` output of the base projection (fp32/bf16/fp16, last dim contiguous).
@@ -426,7 +846,8 @@ def lora_expand_triton(
         b: ``S`` (1..3) tensors ``[R, out_s]`` (scale folded in, last dim contiguous); ``t`` is rounded
             to their dtype before the product, as in the reference.
         meta: the step's segments (may be padded, see the module docstring).
-        config: tile sizes; default :func:`expand_config`.
+        config: kernel and tile sizes; default :func:`expand_config`. The decode kernel needs
+            ``meta.max_rank <= MAX_DECODE_RANK``.
     """
     segs = _segment_tensors(meta)
     num_tokens = y.shape[0]
@@ -438,37 +859,40 @@ def lora_expand_triton(
     if y.stride(1) != 1 or any(b_s.stride(1) != 1 for b_s in b):
         raise ValueError("y and b[s] must be contiguous along their last dim")
     num_segs = segs[0].numel()
-    cfg = config or expand_config(num_tokens, num_segs, meta.max_rank)
+    cfg = config or expand_config(
+        num_tokens, num_segs, meta.max_rank, b[0].element_size(), _num_sms(y.device)
+    )
     outs = [b_s.shape[1] for b_s in b] + [0] * (_MAX_SLICES - num_slices)
     padded = list(b) + [b[0]] * (_MAX_SLICES - num_slices)
-    nblks = [triton.cdiv(o, cfg.block_n) for o in outs]
-    grid = (triton.cdiv(num_tokens, cfg.block_m) + num_segs, sum(nblks))
+    strides = [b_s.stride(0) for b_s in padded]
     precision, upcast = _dot_args(b[0].dtype)
-    _expand_kernel[grid](
-        y,
-        t,
-        *padded,
-        *segs,
-        num_segs,
-        *outs,
-        nblks[0],
-        nblks[1],
-        *(b_s.stride(0) for b_s in padded),
-        y.stride(0),
-        t.stride(0),
-        t.stride(1),
-        t.stride(2),
+    consts = dict(
         NUM_SLICES=num_slices,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_R=cfg.block_r,
         BLOCK_SEG=_block_seg(num_segs),
-        ALIGNED=all(v % 16 == 0 for v in [*outs, *(b_s.stride(0) for b_s in b)]),
         PRECISION=precision,
         UPCAST=upcast,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    t_strides = (y.stride(0), t.stride(0), t.stride(1), t.stride(2))
+    if isinstance(cfg, DecodeExpandConfig):
+        if meta.max_rank > MAX_DECODE_RANK:
+            raise ValueError(f"the decode expand supports max_rank <= {MAX_DECODE_RANK}, got {meta.max_rank}")
+        grid = _decode_grid(cfg.programs, num_tokens, num_segs)
+        # Rank chunks 16, 32, ... up to the one holding max_rank.
+        num_chunks = (max(16, triton.next_power_of_2(meta.max_rank)) // 16).bit_length()
+        _expand_decode_kernel[grid](
+            y, t, *padded, *segs, num_segs, *outs, *strides, *t_strides,
+            BLOCK_M=DECODE_BLOCK_M, NUM_CHUNKS=num_chunks, B_TILE=cfg.b_tile, **consts,
+        )  # fmt: skip
+    else:
+        nblks = [triton.cdiv(o, cfg.block_n) for o in outs]
+        grid = (triton.cdiv(num_tokens, cfg.block_m) + num_segs, sum(nblks))
+        _expand_kernel[grid](
+            y, t, *padded, *segs, num_segs, *outs, nblks[0], nblks[1], *strides, *t_strides,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
+            ALIGNED=all(v % 16 == 0 for v in [*outs, *strides[:num_slices]]), **consts,
+        )  # fmt: skip
 
 
 def lora_apply_triton(

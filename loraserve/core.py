@@ -5,15 +5,17 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections.abc import Iterator
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 import torch
 
 if TYPE_CHECKING:
     from loraserve.detokenize import OutputText
     from loraserve.lora.store import AdapterEntry
-    from loraserve.sampling import SamplingParams
+    from loraserve.sampling import SampleRow, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,8 @@ class Sequence:
 
     ``token_ids`` holds prompt and output tokens; ``num_computed`` counts the leading tokens whose
     K/V are in the cache; ``block_table`` lists the KV blocks; ``block_hashes`` the chained hashes of
-    the full blocks published to the prefix cache so far.
+    the full blocks published to the prefix cache so far. ``sample_row`` is the sampler's view of
+    the sequence, built once by the engine (its output ids are an :class:`OutputIds` view).
     """
 
     request_id: str
@@ -74,6 +77,7 @@ class Sequence:
     holds_adapter: bool = False
     first_token_time: float | None = None
     waited_steps: int = 0
+    sample_row: SampleRow | None = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -94,6 +98,34 @@ class Sequence:
     @property
     def adapter_hash(self) -> str | None:
         return self.adapter.content_hash if self.adapter is not None else None
+
+
+class OutputIds(SequenceABC[int]):
+    """A live, read-only view of a sequence's generated token ids (``token_ids[num_prompt_tokens:]``).
+
+    The sampler needs them only for penalties and ``min_tokens``; a view that follows the sequence
+    as it grows spares every step a copy of every sequence's tokens.
+    """
+
+    __slots__ = ("_seq",)
+
+    def __init__(self, seq: Sequence) -> None:
+        self._seq = seq
+
+    def __len__(self) -> int:
+        return len(self._seq.token_ids) - self._seq.num_prompt_tokens
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[int]: ...
+
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        return self._seq.output_ids[index]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._seq.output_ids)
 
 
 @dataclass

@@ -192,7 +192,7 @@ def _penalize(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
             pres_vals[i] = p.presence_penalty
             cnt_rows.extend([i] * len(row.output_ids))
             cnt_toks.extend(row.output_ids)
-        if len(row.output_ids) < p.min_tokens:
+        if p.min_tokens and len(row.output_ids) < p.min_tokens:
             # Ids beyond the logits' width (e.g. an eos id of a padded vocab) cannot be sampled.
             banned = [t for t in row.eos_token_ids.union(p.stop_token_ids or ()) if t < vocab]
             ban_rows.extend([i] * len(banned))
@@ -313,7 +313,8 @@ class Sampler:
         # Everything goes to the host in one float32 tensor: token ids are exact in float32 up
         # to 2**24, far above any vocabulary size.
         parts = [tokens.to(torch.float32), chosen]
-        lp_rows = [i for i, r in enumerate(rows) if r.params.logprobs]
+        want_top = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        lp_rows = [i for i in want_top if rows[i].params.logprobs]
         k_max = min(vocab, max((rows[i].params.logprobs or 0 for i in lp_rows), default=0))
         if lp_rows:
             lp_idx = torch.tensor(lp_rows, dtype=torch.long, device=device)
@@ -322,23 +323,20 @@ class Sampler:
             parts += [top_ids.to(torch.float32).flatten(), top_vals.flatten()]
         host = torch.cat(parts).tolist()
 
-        tok_list = [int(t) for t in host[:batch]]
-        lp_list = host[batch : 2 * batch]
-        top_of: dict[int, tuple[list[float], list[float]]] = {}
+        # From here on the device is idle until the engine's next step: keep the per-row work lean.
+        results = list(map(SampleResult, map(int, host[:batch]), host[batch : 2 * batch]))
         off = 2 * batch
         n_top = len(lp_rows) * k_max
+        top_of: dict[int, tuple[list[float], list[float]]] = {}
         for j, i in enumerate(lp_rows):
             ids = host[off + j * k_max : off + (j + 1) * k_max]
             vals = host[off + n_top + j * k_max : off + n_top + (j + 1) * k_max]
             top_of[i] = (ids, vals)
-
-        results = []
-        for i, row in enumerate(rows):
-            top: dict[int, float] | None = None
-            if row.params.logprobs is not None:
-                ids, vals = top_of.get(i, ([], []))
-                n = row.params.logprobs
-                top = {int(t): v for t, v in zip(ids[:n], vals[:n], strict=True)}
-                top.setdefault(tok_list[i], lp_list[i])
-            results.append(SampleResult(token_id=tok_list[i], logprob=lp_list[i], top_logprobs=top))
+        for i in want_top:
+            res = results[i]
+            ids, vals = top_of.get(i, ([], []))
+            n = rows[i].params.logprobs
+            top = {int(t): v for t, v in zip(ids[:n], vals[:n], strict=True)}
+            top.setdefault(res.token_id, res.logprob)
+            res.top_logprobs = top
         return results

@@ -15,6 +15,7 @@ import functools
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from loraserve.model.llama import ForwardContext, LlamaModel
@@ -101,36 +102,57 @@ class DecodeGraphs:
 
     def run(
         self,
-        input_ids: list[int],
-        positions: list[int],
-        slots: list[int],
-        seq_lens: list[int],
-        tables: torch.Tensor,
+        input_ids: np.ndarray,
+        positions: np.ndarray,
+        slots: np.ndarray,
+        seq_lens: np.ndarray,
+        tables: np.ndarray,
         segments: list[tuple[int, int, int, int]],
     ) -> torch.Tensor:
-        """Fill the buffers for a decode step of ``len(input_ids)`` sequences and replay; returns logits."""
+        """Fill the buffers for a decode step of ``len(input_ids)`` sequences and replay; returns logits.
+
+        ``input_ids``, ``positions``, ``slots``, ``seq_lens``: ``[batch]`` integer arrays; ``tables``:
+        ``[batch, nb]`` block tables (``nb`` at most the captured width); ``segments``: the LoRA runs
+        ``(start, end, row, rank)``, empty for a step without adapters. Rows past ``batch`` up to the
+        graph's size are padding: slot -1 and context length 0 (nothing stored or read), segments of
+        length 0.
+        """
         batch = len(input_ids)
         size = self.padded_size(batch)
         assert size is not None
-        pad = size - batch
-        host = torch.tensor(
-            [input_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad], dtype=torch.long
-        )
-        self.input_ids[:size].copy_(host[0], non_blocking=True)
-        self.positions[:size].copy_(host[1], non_blocking=True)
-        self.slots[:size].copy_(host[2], non_blocking=True)
-        self.seq_lens[:size].copy_(torch.tensor(seq_lens + [0] * pad, dtype=torch.int32), non_blocking=True)
-        self.block_tables[:batch, : tables.shape[1]].copy_(tables, non_blocking=True)
+        nb = tables.shape[1]
         with_lora = bool(segments)
+        # Every input is staged in pinned host memory (two buffers, one per dtype) so that the
+        # copies are asynchronous: from pageable memory the driver stages each copy synchronously.
+        pin = self.device.type == "cuda"
+        host64 = torch.empty(3, size, dtype=torch.long, pin_memory=pin)
+        h64 = host64.numpy()
+        h64[:, :batch] = (input_ids, positions, slots)
+        h64[:2, batch:] = 0
+        h64[2, batch:] = -1
+        tables_at = size
+        segs_at = tables_at + batch * nb
+        host32 = torch.empty(segs_at + (4 * size if with_lora else 0), dtype=torch.int32, pin_memory=pin)
+        h32 = host32.numpy()
+        h32[:batch] = seq_lens
+        h32[batch:size] = 0
+        h32[tables_at:segs_at] = tables.ravel()
         if with_lora:
-            seg = torch.zeros(4, size, dtype=torch.int32)
-            if segments:
-                t = torch.tensor(segments, dtype=torch.int32)
-                seg[0, : len(segments)] = t[:, 0]
-                seg[1, : len(segments)] = t[:, 1] - t[:, 0]
-                seg[2, : len(segments)] = t[:, 2]
-                seg[3, : len(segments)] = t[:, 3]
-            self.segs[:, :size].copy_(seg, non_blocking=True)
+            seg = h32[segs_at:].reshape(4, size)
+            seg[:] = 0
+            t = np.array(segments, dtype=np.int32)
+            n = len(segments)
+            seg[0, :n] = t[:, 0]
+            seg[1, :n] = t[:, 1] - t[:, 0]
+            seg[2, :n] = t[:, 2]
+            seg[3, :n] = t[:, 3]
+        self.input_ids[:size].copy_(host64[0], non_blocking=True)
+        self.positions[:size].copy_(host64[1], non_blocking=True)
+        self.slots[:size].copy_(host64[2], non_blocking=True)
+        self.seq_lens[:size].copy_(host32[:size], non_blocking=True)
+        self.block_tables[:batch, :nb].copy_(host32[tables_at:segs_at].view(batch, nb), non_blocking=True)
+        if with_lora:
+            self.segs[:, :size].copy_(host32[segs_at:].view(4, size), non_blocking=True)
         g = self.graphs[(size, with_lora)]
         g.graph.replay()
         return g.logits[:batch]

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from loraserve.config import EngineConfig
-from loraserve.core import CompletionOutput, LoRARequest, RequestOutput, SeqStatus, Sequence
+from loraserve.core import CompletionOutput, LoRARequest, OutputIds, RequestOutput, SeqStatus, Sequence
 from loraserve.detokenize import OutputText
 from loraserve.engine.runner import ModelRunner
 from loraserve.engine.scheduler import ScheduledSeq, Scheduler
@@ -68,6 +68,7 @@ class LLMEngine:
         self.last_step = StepStats()
         self.finished_listeners: list[Callable[[RequestOutput], None]] = []
         self._eos = frozenset(cfg.model.eos_token_ids)
+        self._max_model_len = cfg.max_model_len  # resolved once: it is read for every sampled token
 
     # adapters -------------------------------------------------------------------------------
     def add_lora(self, name: str, path: str | Path, pinned: bool = False, lazy: bool = False) -> AdapterEntry:
@@ -200,22 +201,23 @@ class LLMEngine:
             raise AdapterNotFound(f"adapter {adapter.name!r} was removed")
         seqs = []
         incremental = self.tokenizer is not None and (stream or bool(params.stop_list))
+        prompt_tuple = tuple(prompt_ids)  # the sampler's copy: immutable, shared by the n sequences
         for i in range(params.n):
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
-            seqs.append(
-                Sequence(
-                    request_id=request_id,
-                    index=i,
-                    token_ids=list(prompt_ids),
-                    num_prompt_tokens=len(prompt_ids),
-                    params=params,
-                    adapter=adapter,
-                    generator=gen,
-                    detok=OutputText(self.tokenizer, prompt_ids, params) if incremental else None,
-                )
+            seq = Sequence(
+                request_id=request_id,
+                index=i,
+                token_ids=list(prompt_ids),
+                num_prompt_tokens=len(prompt_ids),
+                params=params,
+                adapter=adapter,
+                generator=gen,
+                detok=OutputText(self.tokenizer, prompt_ids, params) if incremental else None,
             )
+            seq.sample_row = SampleRow(params, prompt_tuple, OutputIds(seq), gen, self._eos)
+            seqs.append(seq)
         self.requests[request_id] = _Request(
             request_id, prompt, list(prompt_ids), seqs, adapter.name if adapter is not None else None, stream
         )
@@ -242,37 +244,36 @@ class LLMEngine:
         if not scheduled:
             return []
         batch, logits = self.runner.run(scheduled, self.store)
-        sampling = [item for item in batch if item.samples]
+        sampling = [item.seq for item in batch if item.samples]
         self.scheduler.on_step_done(scheduled)
         self._record_stats(scheduled)
-        rows = [
-            SampleRow(s.params, s.token_ids[: s.num_prompt_tokens], s.output_ids, s.generator, self._eos)
-            for s in (item.seq for item in sampling)
-        ]
-        results = self.sampler(logits, rows) if rows else []
+        results = self.sampler(logits, [seq.sample_row for seq in sampling]) if sampling else []
         touched: dict[str, _Request] = {}
         now = time.monotonic()
-        for item, res in zip(sampling, results, strict=True):
-            seq = item.seq
-            if seq.finished:
+        requests = self.requests
+        for seq, res in zip(sampling, results, strict=True):
+            if seq.status is SeqStatus.FINISHED:
                 continue
-            seq.token_ids.append(res.token_id)
+            token = res.token_id
+            seq.token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
             seq.token_logprobs.append(res.logprob)
             if res.top_logprobs is not None:
                 seq.logprobs.append(res.top_logprobs)
-            self._check_finish(seq, res.token_id)
-            req = self.requests.get(seq.request_id)
-            if req is not None:
+            self._check_finish(seq, token)
+            req = requests.get(seq.request_id)
+            # A request that does not stream is reported only once all its sequences finished:
+            # one that none finished in this step is left out here rather than checked below.
+            if req is not None and (req.stream or seq.status is SeqStatus.FINISHED):
                 touched[req.request_id] = req
         outputs = []
         for req in touched.values():
-            if not req.stream and not all(s.finished for s in req.seqs):
+            if not req.stream and not all(s.status is SeqStatus.FINISHED for s in req.seqs):
                 continue
             out = self._output(req)
             if out.finished:
-                del self.requests[req.request_id]
+                del requests[req.request_id]
                 for listener in self.finished_listeners:
                     listener(out)
             outputs.append(out)
@@ -282,26 +283,29 @@ class LLMEngine:
         p = seq.params
         reason: str | None = None
         stop_reason: int | str | None = None
+        detok = seq.detok
         # The sampler masks EOS and stop ids until min_tokens, so a sampled one always counts.
-        is_eos = token in self._eos and not p.ignore_eos
-        is_stop_id = token in (p.stop_token_ids or [])
+        is_eos = not p.ignore_eos and token in self._eos
+        stop_ids = p.stop_token_ids
+        is_stop_id = stop_ids is not None and token in stop_ids
         if is_eos or is_stop_id:
             reason, stop_reason = "stop", (token if is_stop_id else None)
-            if seq.detok is not None and p.include_stop_str_in_output:
-                seq.detok.add(token)
-        elif seq.detok is not None:
-            hit = seq.detok.add(token)
+            if detok is not None and p.include_stop_str_in_output:
+                detok.add(token)
+        elif detok is not None:
+            hit = detok.add(token)
             if hit is not None:
                 reason, stop_reason = "stop", hit
-        if reason is None and (
-            (p.max_tokens is not None and seq.num_output >= p.max_tokens)
-            or seq.num_tokens >= self.cfg.max_model_len
-        ):
-            reason = "length"
+        if reason is None:
+            num_tokens = len(seq.token_ids)
+            if (
+                p.max_tokens is not None and num_tokens - seq.num_prompt_tokens >= p.max_tokens
+            ) or num_tokens >= self._max_model_len:
+                reason = "length"
         if reason is not None:
             seq.finish_reason, seq.stop_reason = reason, stop_reason
-            if seq.detok is not None:
-                seq.detok.finish()
+            if detok is not None:
+                detok.finish()
             self.scheduler.finish(seq)
 
     def _output(self, req: _Request) -> RequestOutput:

@@ -8,15 +8,18 @@ attention metadata and the LoRA segments once for every layer to share.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence as Seq
+from itertools import chain
 
+import numpy as np
 import torch
 
 from loraserve.config import EngineConfig
 from loraserve.engine.cuda_graphs import DecodeGraphs
 from loraserve.engine.scheduler import ScheduledSeq
 from loraserve.lora.pool import DeviceLoRAPool
-from loraserve.lora.store import AdapterStore
+from loraserve.lora.store import AdapterEntry, AdapterStore
 from loraserve.model.llama import ForwardContext, LlamaModel
 from loraserve.model.loader import iter_checkpoint
 from loraserve.ops import allocate_kv_cache, select_attention_ops, select_lora_apply
@@ -88,12 +91,18 @@ class ModelRunner:
     @staticmethod
     def order(scheduled: Seq[ScheduledSeq], store: AdapterStore | None) -> list[ScheduledSeq]:
         """Group by adapter: adapter sequences by pool row, base-model sequences last."""
+        if store is None:
+            return list(scheduled)  # every key would be equal: the stable sort keeps this order
+        rows: dict[AdapterEntry, int] = {}  # one pool lookup per adapter, not per sequence
 
-        def key(item: ScheduledSeq) -> tuple[int, int]:
+        def key(item: ScheduledSeq) -> float:
             a = item.seq.adapter
-            if a is None or store is None:
-                return (1, 0)
-            return (0, store.row(a))
+            if a is None:
+                return math.inf
+            row = rows.get(a)
+            if row is None:
+                row = rows[a] = store.row(a)
+            return row
 
         return sorted(scheduled, key=key)
 
@@ -107,63 +116,113 @@ class ModelRunner:
         whose ``samples`` is True.
         """
         batch = self.order(scheduled, store)
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        logits_idx: list[int] = []
-        segments: list[tuple[int, int, int, int]] = []
+        num_seqs = len(batch)
         bs = self.block_size
-        for item in batch:
+        # One Python pass gathers what is per sequence; everything per token is then numpy work,
+        # so a step's host cost does not grow with the length of its prefill chunks.
+        ids: list[int] = []
+        starts: list[int] = []
+        query_lens: list[int] = []
+        tables: list[list[int]] = []
+        sampling: list[int] = []
+        segments: list[tuple[int, int, int, int]] = []
+        rows: dict[AdapterEntry, int] = {}
+        num_tokens = 0
+        for i, item in enumerate(batch):
             seq = item.seq
-            start, end = seq.num_computed, seq.num_computed + item.num_tokens
-            t0 = len(ids)
-            ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            query_lens.append(end - start)
-            seq_lens.append(end)
+            start, n = seq.num_computed, item.num_tokens
+            if n == 1:
+                ids.append(seq.token_ids[start])
+            else:
+                ids.extend(seq.token_ids[start : start + n])
+            starts.append(start)
+            query_lens.append(n)
+            tables.append(seq.block_table)
             if item.samples:
-                logits_idx.append(len(ids) - 1)
-            if seq.adapter is not None and store is not None:
-                row, rank = store.row(seq.adapter), seq.adapter.rank
-                if segments and segments[-1][2] == row and segments[-1][1] == t0:
-                    segments[-1] = (segments[-1][0], len(ids), row, rank)
+                sampling.append(i)
+            adapter = seq.adapter
+            if adapter is not None and store is not None:
+                row = rows.get(adapter)
+                if row is None:
+                    row = rows[adapter] = store.row(adapter)
+                if segments and segments[-1][2] == row and segments[-1][1] == num_tokens:
+                    segments[-1] = (segments[-1][0], num_tokens + n, row, adapter.rank)
                 else:
-                    segments.append((t0, len(ids), row, rank))
-        dev = self.device
-        max_blocks = max(len(item.seq.block_table) for item in batch)
-        tables = torch.tensor(
-            [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in batch],
-            dtype=torch.int32,
+                    segments.append((num_tokens, num_tokens + n, row, adapter.rank))
+            num_tokens += n
+        qlens = np.array(query_lens, dtype=np.int64)
+        seq_lens = np.array(starts, dtype=np.int64) + qlens
+        # Block tables padded with 0: the flat ids fill the row-major mask of valid entries.
+        nblocks = np.fromiter(map(len, tables), dtype=np.int64, count=num_seqs)
+        table_arr = np.zeros((num_seqs, int(nblocks.max())), dtype=np.int32)
+        table_arr[np.arange(table_arr.shape[1]) < nblocks[:, None]] = np.fromiter(
+            chain.from_iterable(tables), dtype=np.int32, count=int(nblocks.sum())
         )
-        decode_only = len(ids) == len(batch) and all(item.samples for item in batch)
-        if self.graphs is not None and decode_only and self.graphs.padded_size(len(batch)):
-            return batch, self.graphs.run(ids, positions, slots, seq_lens, tables, segments)
-        qstart = [0]
-        for q in query_lens:
-            qstart.append(qstart[-1] + q)
+        if num_tokens == num_seqs:  # one token per sequence: the token at position num_computed
+            token_seq = np.arange(num_seqs)
+            positions = seq_lens - 1
+        else:
+            token_seq = np.repeat(np.arange(num_seqs), qlens)
+            positions = np.arange(num_tokens) - np.repeat(np.cumsum(qlens) - seq_lens, qlens)
+        slots = table_arr[token_seq, positions // bs].astype(np.int64) * bs + positions % bs
+        ids_arr = np.array(ids, dtype=np.int64)
+        dev = self.device
+        decode_only = num_tokens == num_seqs and len(sampling) == num_seqs
+        if self.graphs is not None and decode_only and self.graphs.padded_size(num_seqs):
+            return batch, self.graphs.run(ids_arr, positions, slots, seq_lens, table_arr, segments)
+        qstart = np.zeros(num_seqs + 1, dtype=np.int32)
+        np.cumsum(qlens, out=qstart[1:])
+        logits_idx = qstart[1:][sampling].astype(np.int64) - 1
+
+        def upload(dtype: torch.dtype, *arrays: np.ndarray) -> list[torch.Tensor]:
+            """``arrays`` (all of ``dtype``) on the device: on CUDA through one pinned staging
+            buffer and one asynchronous copy (a pageable source is staged synchronously)."""
+            if dev.type != "cuda":
+                return [torch.from_numpy(a) for a in arrays]
+            # Sections start on 16-byte boundaries, like separate allocations: kernels specialize
+            # on pointer alignment.
+            align = 16 // dtype.itemsize
+            offsets = []
+            total = 0
+            for a in arrays:
+                offsets.append(total)
+                total += -(-a.size // align) * align
+            host = torch.empty(total, dtype=dtype, pin_memory=True)
+            staged = host.numpy()
+            for a, off in zip(arrays, offsets, strict=True):
+                staged[off : off + a.size] = a.ravel()
+            device = host.to(dev, non_blocking=True)
+            return [device[off : off + a.size].view(a.shape) for a, off in zip(arrays, offsets, strict=True)]
+
+        # The LoRA segments' columns (start, length, pool row, rank) travel with the int32 inputs.
+        seg = np.array(segments, dtype=np.int32).reshape(-1, 4).T.copy()
+        seg[1] -= seg[0]
+        ids_t, positions_t, slots_t, logits_idx_t = upload(torch.long, ids_arr, positions, slots, logits_idx)
+        qstart_t, seq_lens_t, tables_t, *seg_t = upload(
+            torch.int32, qstart, seq_lens.astype(np.int32), table_arr, *seg
+        )
         attn = AttentionMeta(
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
-            query_start=torch.tensor(qstart, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=tables.to(dev, non_blocking=True),
+            slot_mapping=slots_t,
+            query_start=qstart_t,
+            seq_lens=seq_lens_t,
+            block_tables=tables_t,
             query_lens=query_lens,
-            seq_lens_host=seq_lens,
+            seq_lens_host=seq_lens.tolist(),
             block_size=bs,
         )
-        lora = LoRASegments.build(segments, len(ids), dev) if self.pool is not None else None
+        lora = None
+        if self.pool is not None:
+            # What LoRASegments.build makes, without its own copy: the runs are in token order,
+            # none empty.
+            lora = LoRASegments(
+                num_tokens=num_tokens, segments=segments, max_rank=max((s[3] for s in segments), default=0)
+            )
+            if segments:
+                lora.seg_start, lora.seg_len, lora.seg_row, lora.seg_rank = seg_t
         ctx = ForwardContext(
             attn=attn, lora=lora, kv_caches=self.kv_caches, attention=self.attention, store_kv=self.store_kv
         )
-        logits = self.model(
-            torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
-            torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True),
-            ctx,
-            torch.tensor(logits_idx, dtype=torch.long).to(dev, non_blocking=True),
-        )
+        logits = self.model(ids_t, positions_t, ctx, logits_idx_t)
         return batch, logits
 
 

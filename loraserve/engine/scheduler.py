@@ -58,9 +58,9 @@ skipped for lack of device rows and being passed by the affinity regrouping.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 
 from loraserve.config import SchedulerConfig
 from loraserve.core import SeqStatus, Sequence
@@ -71,17 +71,17 @@ from loraserve.lora.store import NOT_NEEDED, AdapterEntry, AdapterStore
 IDLE_WAIT_S = 0.05
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
-    """A sequence and how many of its uncomputed tokens run this step."""
+    """A sequence and how many of its uncomputed tokens run this step.
+
+    ``samples``: the chunk reaches the sequence's last token, so a new token is sampled. The
+    scheduler decides it with the chunk, before :meth:`Scheduler.on_step_done` advances the sequence.
+    """
 
     seq: Sequence
     num_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the sequence's last token, so a new token is sampled."""
-        return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
+    samples: bool
 
 
 class Scheduler:
@@ -123,28 +123,36 @@ class Scheduler:
         budget = self.cfg.max_num_batched_tokens
         out: list[ScheduledSeq] = []
         preempted = False
+        blocks = self.blocks
+        bs = blocks.block_size
         queue = list(self.running)
-        i = 0
-        while i < len(queue) and budget > 0:
-            seq = queue[i]
+        # Preemption victims come from the end of the queue: ``tail`` is the last sequence that may
+        # still be running. Sequences only stop running in this loop, so it only moves down.
+        tail = len(queue) - 1
+        for i, seq in enumerate(queue):
+            if budget <= 0:
+                break
             if seq.status is not SeqStatus.RUNNING:
-                i += 1
                 continue
-            chunk = min(seq.num_tokens - seq.num_computed, budget)
-            need = self.blocks.blocks_needed(seq.num_computed + chunk) - len(seq.block_table)
-            while need > self.blocks.num_free:
-                # Only sequences not yet scheduled this step may give their blocks up.
-                later = [s for s in queue[i + 1 :] if s.status is SeqStatus.RUNNING]
-                victim = later[-1] if later else seq
-                self._preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
-            if seq.status is SeqStatus.RUNNING:
-                seq.block_table.extend(self.blocks.allocate(need))
-                out.append(ScheduledSeq(seq, chunk))
-                budget -= chunk
-            i += 1
+            computed = seq.num_computed
+            remaining = len(seq.token_ids) - computed
+            chunk = remaining if remaining < budget else budget
+            need = -(-(computed + chunk) // bs) - len(seq.block_table)
+            if need > 0:
+                while need > blocks.num_free:
+                    # Only sequences not yet scheduled this step may give their blocks up.
+                    while tail > i and queue[tail].status is not SeqStatus.RUNNING:
+                        tail -= 1
+                    victim = queue[tail] if tail > i else seq
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is seq:
+                        break
+                if seq.status is not SeqStatus.RUNNING:
+                    continue
+                seq.block_table.extend(blocks.allocate(need))
+            out.append(ScheduledSeq(seq, chunk, chunk == remaining))
+            budget -= chunk
         priority = self._set_demand()
         if not preempted:
             budget = self._admit(out, budget, priority)
@@ -161,22 +169,23 @@ class Scheduler:
         """Tell the store which adapters the queue needs, in order (the reservation holder's first)."""
         if self.store is None:
             return {}
-        order: dict[AdapterEntry, int] = {}
-        if self.reserved is not None and self.reserved.adapter is not None:
-            order[self.reserved.adapter] = 0
-        for seq in islice(self.waiting, self.lookahead):
-            if seq.adapter is not None and seq.adapter not in order:
-                order[seq.adapter] = len(order)
+        first = [self.reserved.adapter] if self.reserved is not None else []
+        # Distinct adapters in order of first need (dict.fromkeys keeps the first occurrence).
+        needed = dict.fromkeys(chain(first, (seq.adapter for seq in islice(self.waiting, self.lookahead))))
+        order = {adapter: pos for pos, adapter in enumerate(a for a in needed if a is not None)}
         self.store.set_demand(order)
         return order
 
     def _admit(self, out: list[ScheduledSeq], budget: int, priority: dict[AdapterEntry, int]) -> int:
+        if budget <= 0 or len(self.running) >= self.cfg.max_num_seqs:
+            return budget  # no room: the loop below would stop before its first sequence
         store = self.store
         holder = self.reserved
         window = [holder] if holder is not None else list(islice(self.waiting, self.lookahead))
         admitted: list[Sequence] = []
+        last = -1  # the window position of the last sequence admitted
         tried: set[AdapterEntry] = set()
-        for seq in self._admission_order(window):
+        for pos, seq in self._admission_order(window):
             if budget <= 0 or len(self.running) + len(admitted) >= self.cfg.max_num_seqs:
                 break
             adapter = seq.adapter
@@ -198,7 +207,8 @@ class Scheduler:
             seed = seed_hash(seq.adapter_hash)
             hit_ids, hit_hashes = self.blocks.match_prefix(seq.token_ids, seed)
             cached = len(hit_ids) * self.blocks.block_size
-            chunk = min(seq.num_tokens - cached, budget)
+            remaining = seq.num_tokens - cached
+            chunk = min(remaining, budget)
             need = self.blocks.blocks_needed(cached + chunk) - len(hit_ids)
             if not self.blocks.can_allocate(need, hit_ids):
                 break
@@ -213,10 +223,11 @@ class Scheduler:
                 seq.holds_adapter = True
             seq.status = SeqStatus.RUNNING
             admitted.append(seq)
-            out.append(ScheduledSeq(seq, chunk))
+            last = max(last, pos)
+            out.append(ScheduledSeq(seq, chunk, chunk == remaining))
             budget -= chunk
         if admitted:
-            self._count_overtaken(window, admitted)
+            self._count_overtaken(window[:last], admitted)
         if holder is not None and holder in admitted:
             self.reserved = None
         for seq in admitted:
@@ -224,30 +235,37 @@ class Scheduler:
             self.running.append(seq)
         return budget
 
-    def _admission_order(self, window: list[Sequence]) -> list[Sequence]:
-        """The window in the order admission tries it (the module docstring, point 2)."""
-        if not self.cfg.adapter_affinity:
-            return window
-        bound = self.cfg.adapter_wait_bound_steps
-        active = {s.adapter for s in self.running}
-        due: list[Sequence] = []
-        warm: list[Sequence] = []
-        groups: dict[AdapterEntry | None, list[Sequence]] = {}
-        for seq in window:
-            if seq.waited_steps >= bound:
-                due.append(seq)
-            elif seq.adapter in active:
-                warm.append(seq)
-            else:
-                groups.setdefault(seq.adapter, []).append(seq)
-        return due + warm + [seq for group in groups.values() for seq in group]
+    def _admission_order(self, window: list[Sequence]) -> Iterator[tuple[int, Sequence]]:
+        """The window in the order admission tries it (the module docstring, point 2), with each
+        sequence's position in the window.
 
-    def _count_overtaken(self, window: list[Sequence], admitted: list[Sequence]) -> None:
-        """Count a round for each sequence of ``window`` passed by one queued behind it (bound (a))."""
-        last = max(n for n, seq in enumerate(window) if seq.status is SeqStatus.RUNNING)
+        Lazy, since admission usually stops after a few sequences: only the scan for sequences
+        overtaken B times covers the whole window up front. Nothing it reads (``waited_steps``, the
+        running batch's adapters) changes before admission ends.
+        """
+        if not self.cfg.adapter_affinity:
+            yield from enumerate(window)
+            return
+        bound = self.cfg.adapter_wait_bound_steps
+        yield from [(pos, seq) for pos, seq in enumerate(window) if seq.waited_steps >= bound]
+        active = {s.adapter for s in self.running}
+        groups: dict[AdapterEntry | None, list[tuple[int, Sequence]]] = {}
+        for pos, seq in enumerate(window):
+            if seq.waited_steps >= bound:
+                continue
+            if seq.adapter in active:
+                yield pos, seq
+            else:
+                groups.setdefault(seq.adapter, []).append((pos, seq))
+        for group in groups.values():
+            yield from group
+
+    def _count_overtaken(self, passed: list[Sequence], admitted: list[Sequence]) -> None:
+        """Count a round for each sequence of ``passed`` (the window up to the last sequence
+        admitted) that was not admitted: one queued behind it was (bound (a))."""
         done = set(admitted)
         store = self.store
-        for seq in window[:last]:
+        for seq in passed:
             if seq in done or seq is self.reserved:
                 continue
             adapter = seq.adapter
@@ -262,16 +280,23 @@ class Scheduler:
 
     def on_step_done(self, scheduled: Iterable[ScheduledSeq]) -> None:
         """Advance ``num_computed`` and publish newly full blocks to the prefix cache."""
-        bs = self.blocks.block_size
+        blocks = self.blocks
+        bs = blocks.block_size
         for item in scheduled:
             seq = item.seq
-            seq.num_computed += item.num_tokens
-            full = min(seq.num_computed // bs, len(seq.block_table))
-            parent = seq.block_hashes[-1] if seq.block_hashes else seed_hash(seq.adapter_hash)
-            for b in range(len(seq.block_hashes), full):
-                parent = block_hash(parent, seq.token_ids[b * bs : (b + 1) * bs])
-                self.blocks.register_full(seq.block_table[b], parent)
-                seq.block_hashes.append(parent)
+            computed = seq.num_computed + item.num_tokens
+            seq.num_computed = computed
+            hashes = seq.block_hashes
+            full = computed // bs
+            if full <= len(hashes):
+                continue  # no block became full (most decode steps)
+            full = min(full, len(seq.block_table))
+            parent = hashes[-1] if hashes else seed_hash(seq.adapter_hash)
+            tokens = seq.token_ids
+            for b in range(len(hashes), full):
+                parent = block_hash(parent, tokens[b * bs : (b + 1) * bs])
+                blocks.register_full(seq.block_table[b], parent)
+                hashes.append(parent)
 
     def finish(self, seq: Sequence) -> None:
         """Free a finished or aborted sequence's blocks and adapter reference."""

@@ -11,20 +11,22 @@ first), so a later request with the same prefix reuses them without recomputatio
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
 
 def block_hash(parent: bytes, tokens: list[int] | tuple[int, ...]) -> bytes:
-    """Chained content hash of one full block (sha256 over the parent hash and the token ids)."""
-    h = hashlib.sha256(parent)
-    h.update(len(tokens).to_bytes(4, "little"))
-    for t in tokens:
-        h.update(int(t).to_bytes(4, "little", signed=True))
-    return h.digest()
+    """Chained content hash of one full block: sha256 over the parent hash, the token count
+    (4 bytes, little-endian, unsigned) and each token id (4 bytes, little-endian, signed)."""
+    n = len(tokens)
+    # One pack for the whole block: hashing block by block is on the step's host path.
+    return hashlib.sha256(parent + struct.pack(f"<I{n}i", n, *tokens)).digest()
 
 
+@functools.lru_cache(maxsize=4096)
 def seed_hash(adapter_hash: str | None) -> bytes:
     """The chain seed: distinct for the base model and for every adapter content hash."""
     return hashlib.sha256(b"lora:" + (adapter_hash or "").encode()).digest()

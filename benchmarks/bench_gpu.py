@@ -119,18 +119,24 @@ def run_engine(llm: LLM, prompts, out_lens, loras) -> dict:
     }
 
 
-def decode_step_times(llm: LLM, batch: int, ctx: int, loras) -> float:
-    """Median decode step time at ``batch`` sequences of context ``ctx`` (after their prefill)."""
+def add_decode_batch(llm: LLM, batch: int, ctx: int, loras, max_tokens: int, tag: str) -> None:
+    """Queue ``batch`` requests of ``ctx`` random prompt tokens, request i on ``loras[i % len]``."""
     engine = llm.engine
     rng = np.random.default_rng(1)
     for i in range(batch):
         engine.add_request(
-            f"d{batch}-{i}",
+            f"{tag}{batch}-{i}",
             rng.integers(100, 31000, size=ctx).tolist(),
-            SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+            SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
             engine.resolve_lora(loras[i % len(loras)]),
             stream=False,
         )
+
+
+def decode_step_times(llm: LLM, batch: int, ctx: int, loras) -> float:
+    """Median decode step time at ``batch`` sequences of context ``ctx`` (after their prefill)."""
+    engine = llm.engine
+    add_decode_batch(llm, batch, ctx, loras, 40, "d")
     times = []
     while engine.has_unfinished():
         torch.cuda.synchronize()

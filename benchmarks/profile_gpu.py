@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_gpu import LLAMA2_7B, random_adapter, workload  # noqa: E402
+from bench_gpu import LLAMA2_7B, add_decode_batch, random_adapter, workload  # noqa: E402
 
 from loraserve import LLM, SamplingParams  # noqa: E402
 
@@ -66,15 +66,7 @@ def drain(llm: LLM) -> None:
 
 def decode_profile(llm: LLM, batch: int, ctx: int, loras, top: int) -> dict:
     engine = llm.engine
-    rng = np.random.default_rng(1)
-    for i in range(batch):
-        engine.add_request(
-            f"p{batch}-{time.monotonic_ns()}-{i}",
-            rng.integers(100, 31000, size=ctx).tolist(),
-            SamplingParams(temperature=0, max_tokens=60, ignore_eos=True),
-            engine.resolve_lora(loras[i % len(loras)]),
-            stream=False,
-        )
+    add_decode_batch(llm, batch, ctx, loras, 60, f"p{time.monotonic_ns()}-")
     while True:  # run the prefills
         engine.step()
         st = engine.last_step

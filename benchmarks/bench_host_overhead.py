@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from bench_many_adapters import write_model_config  # beside this script
 
 from loraserve import LLM, SamplingParams
 from loraserve.lora.adapter import LORA_MODULES, LoRAModuleWeights, LoRAWeights
@@ -60,23 +61,6 @@ TINY = dict(
 )
 PHASES = ("schedule", "prepare", "forward", "sample", "on_step_done", "other")
 COLUMNS = ("step", "host", *PHASES)
-
-
-def write_model_config(out: Path) -> Path:
-    """A tiny Llama ``config.json``; the engine draws random weights (``load_format="dummy"``)."""
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        **TINY,
-    }
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
 
 
 def random_adapter(llm: LLM, name: str, rank: int, seed: int) -> LoRAWeights:
@@ -269,7 +253,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {"model": TINY, "args": {k: str(v) for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_model_config(Path(tmp) / "tiny")
+        root = write_model_config(Path(tmp) / "tiny", TINY)
         for scenario in args.scenarios:
             steps = args.decode_steps if scenario.startswith("decode") else args.mixed_steps
             llm = setup(scenario, root, args)

@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_gpu import LLAMA2_7B, add_decode_batch, random_adapter, workload  # noqa: E402
+from bench_gpu import ENGINE_ARGS, LLAMA2_7B, add_decode_batch, random_adapter, workload  # noqa: E402
 
 from loraserve import LLM, SamplingParams  # noqa: E402
 
@@ -130,16 +130,7 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="prof-7b-"))
     (root / "config.json").write_text(json.dumps(LLAMA2_7B))
-    common = dict(
-        device="cuda",
-        dtype="bfloat16",
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        max_num_seqs=256,
-        max_num_batched_tokens=8192,
-        kv_cache_memory=int(80e9),
-        max_model_len=2048,
-    )
+    common = ENGINE_ARGS
     results: dict = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

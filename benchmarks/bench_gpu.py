@@ -119,12 +119,17 @@ def run_engine(llm: LLM, prompts, out_lens, loras) -> dict:
     elapsed = time.perf_counter() - start
     out_tokens = sum(out_lens)
     decode = [s for s in steps if s[4] == s[0]]
+    other = [s for s in steps if s[4] != s[0]]
     return {
         "seconds": elapsed,
         "output_tokens": out_tokens,
         "output_tok_s": out_tokens / elapsed,
         "steps": len(steps),
         "decode_steps": len(decode),
+        # Wall time split by step kind: decode-only steps (CUDA graphs) vs prefill / mixed steps.
+        "decode_seconds": sum(s[3] for s in decode),
+        "other_seconds": sum(s[3] for s in other),
+        "other_tokens": sum(s[4] for s in other),
         "mean_distinct_adapters_per_step": statistics.mean(s[1] for s in steps) if steps else 0,
         "max_distinct_adapters_per_step": max((s[1] for s in steps), default=0),
         "mean_adapter_bytes_per_step": statistics.mean(s[2] for s in steps) if steps else 0,
@@ -213,7 +218,8 @@ def main() -> None:
         print(
             f"{name:6s} {r['output_tok_s']:10.1f} tok/s  ratio {ratio}  steps {r.get('steps', '-')}  "
             f"adapters/step {r.get('mean_distinct_adapters_per_step', 0):.1f}  "
-            f"adapter MB/step {r.get('mean_adapter_bytes_per_step', 0) / 1e6:.0f}",
+            f"adapter MB/step {r.get('mean_adapter_bytes_per_step', 0) / 1e6:.0f}  "
+            f"decode {r.get('decode_seconds', 0):.1f} s  prefill/mixed {r.get('other_seconds', 0):.1f} s",
             flush=True,
         )
 

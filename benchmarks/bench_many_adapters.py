@@ -232,6 +232,10 @@ def serve_trace(
     )
 
 
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.0f}ms"
+
+
 def reset_tiers(engine: LLMEngine) -> None:
     """Evict every adapter down to disk and zero the counters: each run starts cold."""
     store = engine.store
@@ -370,14 +374,14 @@ def main() -> None:
     print()
     print(
         f"{'adapters':>8} {'used':>5} {'req/s':>7} {'out tok/s':>10} {'TTFT mean':>10} {'TTFT p99':>9} "
-        f"{'dev loads':>9} {'disk reads':>10} {'dev evict':>9}"
+        f"{'dev loads':>9} {'disk reads':>10} {'dev evict':>9} {'wait mean':>9} {'read mean':>9}"
     )
     for r in results:
         c = r.counters
         print(
             f"{r.num_adapters:>8} {r.distinct_adapters_used:>5} {r.throughput_req_s:>7.2f} {r.output_tok_s:>10.1f} "
             f"{r.ttft_mean_s:>9.3f}s {r.ttft_p99_s:>8.3f}s {c['device_loads']:>9} {c['loads_from_disk']:>10} "
-            f"{c['device_evictions']:>9}"
+            f"{c['device_evictions']:>9} {_ms(c['load_seconds_mean']):>9} {_ms(c['read_seconds_mean']):>9}"
         )
     print(
         f"\ncold load of one {cold['adapter_bytes'] / 1e6:.1f} MB adapter: host->GPU {cold['host_to_gpu_s'] * 1e3:.1f} ms "

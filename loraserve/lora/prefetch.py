@@ -37,6 +37,8 @@ class ReadResult:
     nbytes: int
     target_modules: frozenset[str]
     packed: PackedAdapter
+    # Time the read itself took on its worker (excludes the wait for a free worker).
+    seconds: float = 0.0
 
 
 ReadFn = Callable[[str, str], ReadResult]

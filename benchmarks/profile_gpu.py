@@ -11,7 +11,9 @@ time.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import sys
 import tempfile
 import time
@@ -60,8 +62,9 @@ def timed_steps(llm: LLM, steps: int, predicate) -> tuple[float, int, object]:
 
 
 def drain(llm: LLM) -> None:
-    while llm.engine.has_unfinished():
-        llm.engine.step()
+    """Abort what is left (the window is measured; the rest of the workload is not needed)."""
+    for rid in list(llm.engine.requests):
+        llm.engine.abort(rid)
 
 
 def decode_profile(llm: LLM, batch: int, ctx: int, loras, top: int) -> dict:
@@ -92,7 +95,32 @@ def decode_profile(llm: LLM, batch: int, ctx: int, loras, top: int) -> dict:
     }
 
 
-def workload_profile(llm: LLM, n: int, loras, top: int) -> dict:
+def host_table(llm: LLM, steps: int, predicate, top: int) -> list[tuple[str, float, float]]:
+    """cProfile of ``steps`` engine steps that satisfy ``predicate``: the host functions ranked by own
+    time, as ``(function, own ms per step, cumulative ms per step)``."""
+    engine = llm.engine
+    prof = cProfile.Profile()
+    done = 0
+    while done < steps and engine.has_unfinished():
+        prof.enable()
+        engine.step()
+        prof.disable()
+        if predicate(engine.last_step):
+            done += 1
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    rows = [
+        (f"{Path(file).name}:{line}({name})", tt * 1e3 / max(done, 1), ct * 1e3 / max(done, 1))
+        for (file, line, name), (_, _, tt, ct, _) in stats.items()
+    ]
+    return sorted(rows, key=lambda r: -r[1])[:top]
+
+
+def is_mixed(st) -> bool:
+    return st.num_tokens != st.num_seqs
+
+
+def workload_profile(llm: LLM, n: int, loras, top: int, mixed_only: bool = False) -> dict:
+    """A window of the anchor workload after 40 steps: all steps, or only prefill / mixed ones."""
     prompts, out_lens = workload(n)
     engine = llm.engine
     for i, (p, o) in enumerate(zip(prompts, out_lens, strict=True)):
@@ -105,16 +133,38 @@ def workload_profile(llm: LLM, n: int, loras, top: int) -> dict:
         )
     for _ in range(40):
         engine.step()
-    wall, steps, prof = timed_steps(llm, 30, lambda st: True)
+    pred = is_mixed if mixed_only else (lambda st: True)
+    result: dict = {}
+    if mixed_only:
+        # Wall time of mixed steps without a profiler attached (its per-event overhead inflates host time).
+        times = []
+        while len(times) < 20 and engine.has_unfinished():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            engine.step()
+            torch.cuda.synchronize()
+            if is_mixed(engine.last_step):
+                times.append(time.perf_counter() - t0)
+        result["unprofiled_step_ms"] = 1e3 * float(np.median(times))
+        result["host"] = host_table(llm, 10, pred, top)
+    wall, steps, prof = timed_steps(llm, 20 if mixed_only else 30, pred)
     drain(llm)
     gpu, kernels = kernel_table(prof, steps, top)
-    return {"steps": steps, "step_ms": 1e3 * wall / steps, "gpu_ms_per_step": gpu, "kernels": kernels}
+    result.update(steps=steps, step_ms=1e3 * wall / steps, gpu_ms_per_step=gpu, kernels=kernels)
+    return result
 
 
 def show(title: str, r: dict) -> None:
-    print(f"\n== {title}: step {r['step_ms']:.2f} ms wall, kernels {r['gpu_ms_per_step']:.2f} ms/step")
+    unprofiled = f" ({r['unprofiled_step_ms']:.2f} ms unprofiled)" if "unprofiled_step_ms" in r else ""
+    print(
+        f"\n== {title}: step {r['step_ms']:.2f} ms wall{unprofiled}, kernels {r['gpu_ms_per_step']:.2f} ms/step"
+    )
     for name, ms, count in r["kernels"]:
         print(f"  {ms:8.3f} ms  x{count:<4d} {name}")
+    if "host" in r:
+        print("  host (cProfile, ms per step): own / cumulative")
+        for name, own, cum in r["host"]:
+            print(f"  {own:8.3f} {cum:8.3f}  {name}")
 
 
 def main() -> None:
@@ -126,6 +176,12 @@ def main() -> None:
     ap.add_argument(
         "--workload-requests", type=int, default=400, help="requests of the workload window (0: skip it)"
     )
+    ap.add_argument(
+        "--mixed",
+        action="store_true",
+        help="profile only prefill / mixed workload steps, with their host functions",
+    )
+    ap.add_argument("--skip-base", action="store_true", help="skip the engine without LoRA")
     ap.add_argument("--out", default="benchmarks/results/profile.json")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="prof-7b-"))
@@ -135,18 +191,20 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    llm = LLM(str(root), enable_lora=False, **common)
-    for b in args.batches:
-        r = decode_profile(llm, b, args.ctx, [None], args.top)
-        results[f"a_decode_{b}"] = r
-        show(f"(a) decode batch {b} ctx {args.ctx}", r)
-    if args.workload_requests:
-        r = workload_profile(llm, args.workload_requests, [None], args.top)
-        results["a_workload"] = r
-        show(f"(a) workload window (steps 44-73 of {args.workload_requests} requests)", r)
-    out.write_text(json.dumps(results, indent=2))
-    del llm
-    torch.cuda.empty_cache()
+    window = "mixed steps" if args.mixed else "steps 44-73"
+    if not args.skip_base:
+        llm = LLM(str(root), enable_lora=False, **common)
+        for b in args.batches:
+            r = decode_profile(llm, b, args.ctx, [None], args.top)
+            results[f"a_decode_{b}"] = r
+            show(f"(a) decode batch {b} ctx {args.ctx}", r)
+        if args.workload_requests:
+            r = workload_profile(llm, args.workload_requests, [None], args.top, args.mixed)
+            results["a_workload"] = r
+            show(f"(a) workload window ({window} of {args.workload_requests} requests)", r)
+        out.write_text(json.dumps(results, indent=2))
+        del llm
+        torch.cuda.empty_cache()
 
     if args.lora_adapters:
         llm = LLM(str(root), enable_lora=True, max_loras=64, max_lora_rank=64, **common)
@@ -155,13 +213,17 @@ def main() -> None:
         for i, name in enumerate(names):
             weights = random_adapter(name, 16, 1000 + i, mcfg.lora_shapes(), mcfg.num_layers)
             llm.engine.store.register_weights(name, weights)
-        r = decode_profile(llm, 64, args.ctx, names, args.top)
-        results["d_decode_64"] = r
-        show(f"(d) decode batch 64, {len(names)} adapters", r)
+        for b in args.batches:
+            r = decode_profile(llm, b, args.ctx, names, args.top)
+            results[f"d_decode_{b}"] = r
+            show(f"(d) decode batch {b}, {len(names)} adapters", r)
         if args.workload_requests:
-            r = workload_profile(llm, args.workload_requests, names, args.top)
+            r = workload_profile(llm, args.workload_requests, names[:1], args.top, args.mixed)
+            results["c_workload"] = r
+            show(f"(c) workload window ({window}), 1 adapter", r)
+            r = workload_profile(llm, args.workload_requests, names, args.top, args.mixed)
             results["d_workload"] = r
-            show(f"(d) workload window, {len(names)} adapters", r)
+            show(f"(d) workload window ({window}), {len(names)} adapters", r)
     out.write_text(json.dumps(results, indent=2))
 
 

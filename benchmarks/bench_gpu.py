@@ -29,6 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from compile_counter import COMPILES  # noqa: E402
+
 from loraserve import LLM, SamplingParams  # noqa: E402
 from loraserve.lora.adapter import LORA_MODULES, LoRAModuleWeights, LoRAWeights  # noqa: E402
 
@@ -106,6 +108,7 @@ def run_engine(llm: LLM, prompts, out_lens, loras) -> dict:
         engine.add_request(rid, p, sp, engine.resolve_lora(lora), stream=False)
         ids.append(rid)
     torch.cuda.synchronize()
+    compiles = COMPILES.mark()
     start = time.perf_counter()
     done = 0
     while engine.has_unfinished():
@@ -134,6 +137,8 @@ def run_engine(llm: LLM, prompts, out_lens, loras) -> dict:
         "max_distinct_adapters_per_step": max((s[1] for s in steps), default=0),
         "mean_adapter_bytes_per_step": statistics.mean(s[2] for s in steps) if steps else 0,
         "mean_batch": statistics.mean(s[0] for s in steps) if steps else 0,
+        "slowest_steps_s": sorted((round(s[3], 4) for s in steps), reverse=True)[:5],
+        "compiles_during_run": COMPILES.since(compiles),
     }
 
 
@@ -219,7 +224,8 @@ def main() -> None:
             f"{name:6s} {r['output_tok_s']:10.1f} tok/s  ratio {ratio}  steps {r.get('steps', '-')}  "
             f"adapters/step {r.get('mean_distinct_adapters_per_step', 0):.1f}  "
             f"adapter MB/step {r.get('mean_adapter_bytes_per_step', 0) / 1e6:.0f}  "
-            f"decode {r.get('decode_seconds', 0):.1f} s  prefill/mixed {r.get('other_seconds', 0):.1f} s",
+            f"decode {r.get('decode_seconds', 0):.1f} s  prefill/mixed {r.get('other_seconds', 0):.1f} s  "
+            f"compiles {r.get('compiles_during_run')}  slowest {r.get('slowest_steps_s', [])[:3]}",
             flush=True,
         )
 

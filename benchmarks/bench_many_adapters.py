@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from compile_counter import COMPILES
 from safetensors.torch import save_file
 
 from loraserve.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
@@ -185,6 +186,7 @@ class RunResult:
     latency_mean_s: float
     distinct_adapters_used: int
     counters: dict[str, Any] = field(default_factory=dict)
+    compiles_during_run: dict[str, int] | None = None
 
 
 def serve_trace(
@@ -192,6 +194,7 @@ def serve_trace(
 ) -> RunResult:
     """Replay ``trace`` in real time against ``engine``; TTFT counts from the scheduled arrival."""
     entries = {i: engine.store.get(names[i]) for i in {r.adapter for r in trace}}
+    compiles = COMPILES.mark()
     start = time.monotonic()
     first: dict[str, float] = {}
     finish: dict[str, float] = {}
@@ -229,6 +232,7 @@ def serve_trace(
         latency_mean_s=statistics.fmean(finish[str(i)] - r.arrival for i, r in enumerate(trace)),
         distinct_adapters_used=len(entries),
         counters=engine.lora_stats()["counters"],
+        compiles_during_run=COMPILES.since(compiles),
     )
 
 
@@ -382,6 +386,7 @@ def main() -> None:
             f"{r.num_adapters:>8} {r.distinct_adapters_used:>5} {r.throughput_req_s:>7.2f} {r.output_tok_s:>10.1f} "
             f"{r.ttft_mean_s:>9.3f}s {r.ttft_p99_s:>8.3f}s {c['device_loads']:>9} {c['loads_from_disk']:>10} "
             f"{c['device_evictions']:>9} {_ms(c['load_seconds_mean']):>9} {_ms(c['read_seconds_mean']):>9}"
+            f"  compiles {r.compiles_during_run}"
         )
     print(
         f"\ncold load of one {cold['adapter_bytes'] / 1e6:.1f} MB adapter: host->GPU {cold['host_to_gpu_s'] * 1e3:.1f} ms "

@@ -24,7 +24,7 @@ from loraserve.model.llama import ForwardContext, LlamaModel
 from loraserve.model.loader import iter_checkpoint
 from loraserve.ops import allocate_kv_cache, select_attention_ops, select_lora_apply
 from loraserve.ops.attention import AttentionMeta
-from loraserve.ops.lora import LoRASegments
+from loraserve.ops.lora import LoRASegments, max_rank_bucket
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,9 @@ class ModelRunner:
             # What LoRASegments.build makes, without its own copy: the runs are in token order,
             # none empty.
             lora = LoRASegments(
-                num_tokens=num_tokens, segments=segments, max_rank=max((s[3] for s in segments), default=0)
+                num_tokens=num_tokens,
+                segments=segments,
+                max_rank=max_rank_bucket(max((s[3] for s in segments), default=0)),
             )
             if segments:
                 lora.seg_start, lora.seg_len, lora.seg_row, lora.seg_rank = seg_t

@@ -102,6 +102,17 @@ class LoRASegments:
         return mask
 
 
+def max_rank_bucket(rank: int) -> int:
+    """The ``max_rank`` a step's metadata carries for segments whose largest rank is ``rank``: the next
+    power of two, at least 16 (0 stays 0).
+
+    Any value >= every segment's rank is correct (the ops mask by each segment's own rank); a few
+    fixed values keep the number of compiled kernel variants small, since the GPU kernels' tile sizes
+    and ``t``'s width follow ``max_rank``.
+    """
+    return 0 if rank <= 0 else max(16, 1 << (rank - 1).bit_length())
+
+
 # Above this many pool rows the dense CPU op (lora_linear_dense) does more wasted work than the
 # per-segment loop saves.
 DENSE_MAX_ROWS = 1024

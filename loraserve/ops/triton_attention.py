@@ -154,6 +154,13 @@ def decode_num_splits(
 # --------------------------------------------------------------------------------------------- store_kv
 
 
+# Integer arguments that change from step to step (sequence count, block-table width). Triton would
+# otherwise compile a variant per value class (== 1, divisible by 16) of each: a compile in the middle
+# of serving costs a step ~1 s. They index scalars, so the specialization buys nothing.
+_PER_STEP_INTS = ["num_seqs", "stride_btb"]
+_PER_STEP_INTS_DECODE = ["stride_btb"]
+
+
 @triton.jit
 def _store_kv_kernel(
     k_ptr,
@@ -306,7 +313,7 @@ def _find_seq(query_start_ptr, block_idx, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_STEP_INTS)
 def _general_kernel(
     q_ptr,
     k_cache_ptr,
@@ -403,7 +410,7 @@ def _split_range(seq_len, split, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr
     return kv_lo, tl.minimum(kv_lo + tiles_per_split * BLOCK_N, seq_len)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_STEP_INTS_DECODE)
 def _decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -514,7 +521,7 @@ def _store_decode(
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_STEP_INTS_DECODE)
 def _decode_mha_kernel(
     q_ptr,
     k_cache_ptr,

@@ -74,6 +74,12 @@ MAX_DECODE_RANK = 128
 # fit per SM), the expand 110-140 registers at 8 KB B tiles (3-4 fit).
 _DECODE_SHRINK_PROGRAMS_PER_SM = 4
 _DECODE_EXPAND_PROGRAMS_PER_SM = 3
+# Integer arguments that change from step to step (segment count; t's slice stride, T * max_rank;
+# the tiled shrink's K split).
+# Triton would otherwise compile a variant per value class (== 1, divisible by 16): a compile in
+# the middle of serving stalls a step for about a second.
+_PER_STEP_INTS = ["num_segs", "stride_ts"]
+_MIN_BLOCK_SEG = 256
 
 
 @dataclass(frozen=True)
@@ -307,7 +313,7 @@ def _shrink_k_loop(
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[*_PER_STEP_INTS, "split_k"])
 def _shrink_kernel(
     x_ptr,
     a_ptr,
@@ -324,12 +330,12 @@ def _shrink_kernel(
     stride_ts,
     stride_tm,
     stride_tr,
+    split_k,
     NUM_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_SEG: tl.constexpr,
-    SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -358,7 +364,7 @@ def _shrink_kernel(
     # [BLOCK_N, BLOCK_K] (contiguous along in) and transposed for the dot.
     a_ptrs = a_ptr + (row * NUM_SLICES + offs_n).to(tl.int64)[:, None] * stride_a + offs_k[None, :]
 
-    k_chunk = tl.cdiv(tl.cdiv(in_features, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_chunk = tl.cdiv(tl.cdiv(in_features, BLOCK_K), split_k) * BLOCK_K
     k_lo = tl.program_id(2) * k_chunk
     k_hi = tl.minimum(k_lo + k_chunk, in_features)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -370,13 +376,13 @@ def _shrink_kernel(
     s = offs_n % NUM_SLICES
     t_ptrs = t_ptr + s[None, :] * stride_ts + tok[:, None] * stride_tm + j[None, :] * stride_tr
     mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
+    if split_k == 1:
         tl.store(t_ptrs, acc, mask=mask)
     else:
         tl.atomic_add(t_ptrs, acc, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_STEP_INTS)
 def _shrink_decode_kernel(
     x_ptr,
     a_ptr,
@@ -449,7 +455,7 @@ def _shrink_decode_kernel(
             tl.atomic_add(t_ptrs, acc, mask=mask, sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_STEP_INTS)
 def _expand_kernel(
     y_ptr,
     t_ptr,
@@ -683,7 +689,7 @@ def _expand_decode_tiles(
             )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_STEP_INTS)
 def _expand_decode_kernel(
     y_ptr,
     t_ptr,
@@ -751,7 +757,9 @@ def _segment_tensors(
 
 
 def _block_seg(num_segs: int) -> int:
-    return max(16, triton.next_power_of_2(num_segs))
+    # At least 256 lanes (the segment capacity of a CUDA graph at 256 sequences): a prefix sum over
+    # unused lanes is nearly free, while each distinct value would be one more compiled variant.
+    return max(_MIN_BLOCK_SEG, triton.next_power_of_2(num_segs))
 
 
 def _decode_grid(programs: int, num_tokens: int, num_segs: int) -> tuple[int]:
@@ -823,7 +831,7 @@ def lora_shrink_triton(
             triton.cdiv(num_slices * meta.max_rank, cfg.block_n),
             cfg.split_k,
         )
-        _shrink_kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, **consts)
+        _shrink_kernel[grid](*args, cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **consts)
     return t
 
 

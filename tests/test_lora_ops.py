@@ -11,6 +11,7 @@ from loraserve.ops.lora import (
     LoRASegments,
     lora_apply,
     lora_linear_dense,
+    max_rank_bucket,
     onednn_packing_available,
 )
 
@@ -101,3 +102,12 @@ def test_dense_op_on_packed_weights_follows_pool_writes():
     check([(0, 3, 0, 8), (3, 5, 8, 4)])  # rows 8..12: past the packed copy
     assert pack.fused.rows == n_out + 12 * slices and pack.b.rows == 12 * slices
     check([])  # a base-only step: the projection only
+
+
+def test_max_rank_bucket_holds_every_rank_in_few_values() -> None:
+    """The step's max_rank covers its largest rank and takes only powers of two >= 16 (few kernel variants)."""
+    assert max_rank_bucket(0) == 0
+    buckets = {r: max_rank_bucket(r) for r in range(1, 257)}
+    assert all(b >= r for r, b in buckets.items())
+    assert set(buckets.values()) == {16, 32, 64, 128, 256}
+    assert max_rank_bucket(16) == 16 and max_rank_bucket(17) == 32

@@ -8,7 +8,7 @@ apply, in one of two forms:
 
 * :func:`read_adapter` -> :class:`StoredAdapter`, the serving path: the tensors as the file stores
   them, views of one buffer the file is read into once (after everything the header shows has
-  been validated), with the content hash computed on the hash threads meanwhile. The store packs
+  been validated), with the content hash computed on shared I/O threads meanwhile. The store packs
   it straight into the pool layout (``loraserve.lora.pool.pack_adapter``).
 * :func:`load_adapter` -> :class:`LoRAWeights`: float32 copies, for references, tests and
   adapters built in memory.
@@ -200,7 +200,7 @@ class StoredAdapter(_AdapterModules):
 
     Every check that needs no weight value has passed; finiteness is checked where the weights are
     converted (:func:`load_adapter`, or ``pack_adapter`` in the serving dtype). The content hash is
-    computed on the hash threads while the caller packs; :attr:`content_hash` waits for it.
+    computed on the shared I/O threads while the caller packs; :attr:`content_hash` waits for it.
     """
 
     name: str
@@ -529,31 +529,18 @@ _IO_THREADS = max(
 )
 
 
-# Hashing has threads of its own (a quarter of the CPUs, at most 4), so that it overlaps the byte
-# moves of packing instead of queueing behind them on the I/O threads: the hash runs while the
-# caller packs, and a cold load then costs about read + pack rather than read + hash + pack.
-_HASH_THREADS = max(1, min(4, _IO_THREADS // 2))
-
-
 def _new_io_pool() -> ThreadPoolExecutor:
     """The threads shared by every adapter read for byte-level work (started on first use)."""
     return ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="lora-io")
 
 
-def _new_hash_pool() -> ThreadPoolExecutor:
-    """The threads that hash adapter bytes (started on first use)."""
-    return ThreadPoolExecutor(max_workers=_HASH_THREADS, thread_name_prefix="lora-hash")
-
-
 _io_pool = _new_io_pool()
-_hash_pool = _new_hash_pool()
 
 
 def _reset_io_pool() -> None:
     # A forked child has none of the parent's threads, but its copy of the pool believes it has.
-    global _io_pool, _hash_pool
+    global _io_pool
     _io_pool = _new_io_pool()
-    _hash_pool = _new_hash_pool()
 
 
 if hasattr(os, "register_at_fork"):
@@ -561,7 +548,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def in_io_threads(
-    fn: Callable[[Sequence[X]], T], items: Sequence[X], sizes: Sequence[int], *, hashing: bool = False
+    fn: Callable[[Sequence[X]], T], items: Sequence[X], sizes: Sequence[int]
 ) -> list[Future[T]]:
     """Start ``fn`` on consecutive runs of ``items`` of about equal bytes (``sizes``), on the I/O threads.
 
@@ -571,21 +558,20 @@ def in_io_threads(
     buffers, numpy copies) -- that is what makes the threads parallel -- and must not run torch
     kernels, whose own thread pool would then be entered from many threads at once; and it must
     not wait on other runs, so that reads in flight on several reader threads cannot deadlock the
-    shared threads. ``hashing`` runs on the hash threads instead (at most ``_HASH_THREADS`` runs).
+    shared threads.
     """
     if not items:
         return []
     ends = list(itertools.accumulate(sizes))
     total = ends[-1]
-    pieces = max(1, min(_HASH_THREADS if hashing else _IO_THREADS, total // _PARALLEL_GRAIN))
+    pieces = max(1, min(_IO_THREADS, total // _PARALLEL_GRAIN))
     if pieces == 1:
         done: Future[T] = Future()
         done.set_result(fn(items))
         return [done]
     # Run k takes the items that end in (k/pieces, (k+1)/pieces] of the bytes.
     cuts = [0, *(bisect.bisect_right(ends, total * k // pieces) for k in range(1, pieces)), len(items)]
-    pool = _hash_pool if hashing else _io_pool
-    return [pool.submit(fn, items[lo:hi]) for lo, hi in itertools.pairwise(cuts) if lo < hi]
+    return [_io_pool.submit(fn, items[lo:hi]) for lo, hi in itertools.pairwise(cuts) if lo < hi]
 
 
 def _parse_safetensors_header(f: BinaryIO, size: int) -> tuple[dict[str, tuple[_TensorMeta, int, int]], int]:
@@ -748,7 +734,7 @@ def _unsupported_tensor(key: str) -> str:
 
 
 def _start_hash(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Callable[[], str]:
-    """Start :func:`hash_adapter` on the hash threads; the returned function waits for it.
+    """Start :func:`hash_adapter` on the shared I/O threads; the returned function waits for it.
 
     The tensors must not change until the result has been taken.
     """
@@ -756,7 +742,7 @@ def _start_hash(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) 
     # A uint8 view gives the raw bytes for every dtype, bfloat16 included (numpy has none).
     data = [tensors[n].detach().contiguous().reshape(-1).view(torch.uint8).numpy() for n in names]
     runs = in_io_threads(
-        lambda run: [hashlib.sha256(d).digest() for d in run], data, [d.nbytes for d in data], hashing=True
+        lambda run: [hashlib.sha256(d).digest() for d in run], data, [d.nbytes for d in data]
     )
 
     @functools.cache
@@ -825,7 +811,7 @@ def read_adapter(
     ``name`` defaults to the directory name. Everything the config and the tensor header show is
     checked before any weight is read; the weights file is then read once, into one buffer that
     the returned tensors are views of (pinned with ``pin``: for CUDA hosts, where pinned buffers
-    are recycled), and its content hash starts on the hash threads.
+    are recycled), and its content hash starts on the shared I/O threads.
     Raises :class:`AdapterError` (and nothing else) when the adapter is unreadable, uses a feature
     the engine does not implement, does not fit ``spec`` or has a rank above ``max_rank``.
     Finiteness is left to whoever converts the weights (see :class:`StoredAdapter`).

@@ -74,11 +74,12 @@ MAX_DECODE_RANK = 128
 # fit per SM), the expand 110-140 registers at 8 KB B tiles (3-4 fit).
 _DECODE_SHRINK_PROGRAMS_PER_SM = 4
 _DECODE_EXPAND_PROGRAMS_PER_SM = 3
-# Integer arguments that change from step to step (segment count; t's slice stride, T * max_rank;
-# the tiled shrink's K split).
+# Integer arguments that change from step to step (segment count; the tiled shrink's K split).
 # Triton would otherwise compile a variant per value class (== 1, divisible by 16): a compile in
-# the middle of serving stalls a step for about a second.
-_PER_STEP_INTS = ["num_segs", "stride_ts"]
+# the middle of serving stalls a step for about a second. t's slice stride (T * max_rank) keeps
+# its specialization: the alignment it proves feeds vector loads of t, and with max_rank bucketed
+# to powers of two >= 16 (ops.lora.max_rank_bucket) its value class never changes.
+_PER_STEP_INTS = ["num_segs"]
 _MIN_BLOCK_SEG = 256
 
 

@@ -95,7 +95,7 @@ class LLM:
         enforce_eager: bool = False,
         skip_tokenizer_init: bool = False,
         adapter_affinity: bool = True,
-        adapter_wait_bound_steps: int = 64,
+        adapter_wait_bound_steps: int = 256,
     ) -> None:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         path = resolve_model_path(model)

@@ -32,7 +32,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--adapter-wait-bound-steps",
         type=int,
-        default=64,
+        default=256,
         help="most admission rounds a queued request can be passed over (adapter grouping or loads)",
     )
 

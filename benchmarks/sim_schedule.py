@@ -24,10 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_gpu import workload  # noqa: E402
 
 from loraserve import LLM, SamplingParams  # noqa: E402
 from loraserve.lora.adapter import LORA_MODULES, LoRAModuleWeights, LoRAWeights  # noqa: E402
@@ -35,12 +36,9 @@ from loraserve.testing import TINY_VOCAB, make_tiny_model  # noqa: E402
 
 
 def anchor_workload(n: int) -> tuple[list[list[int]], list[int]]:
-    """The anchor's lengths (as ``bench_gpu.workload``), prompt ids folded into the tiny vocabulary."""
-    rng = np.random.default_rng(0)
-    in_lens = rng.integers(8, 513, size=1000)
-    out_lens = rng.integers(8, 513, size=1000)
-    prompts = [rng.integers(100, 31000, size=int(k)) % (TINY_VOCAB - 8) + 3 for k in in_lens]
-    return [p.tolist() for p in prompts[:n]], [int(o) for o in out_lens[:n]]
+    """The anchor's requests (``bench_gpu.workload``), prompt ids folded into the tiny vocabulary."""
+    prompts, out_lens = workload(n)
+    return [[t % (TINY_VOCAB - 8) + 3 for t in p] for p in prompts], out_lens
 
 
 def simulate(model: Path, args: argparse.Namespace, bound: int, affinity: bool) -> dict:

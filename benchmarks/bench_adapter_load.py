@@ -12,8 +12,11 @@ alone, median of ``--repeats`` runs after one untimed warm-up:
 * ``pack``: pool layout in the serving dtype, scale folded into B, finiteness check (into pinned
   memory on CUDA, as the store does);
 * ``pin_alloc``: of that, the pinned host buffer (caching host allocator; CUDA only);
+* ``pack_on_device``: the same packing done on the GPU, as the store does on CUDA: the read buffer
+  up, pack there, the packed adapter back into pinned memory (CUDA only);
 * ``read_packed``: ``AdapterStore._read_packed``, the whole disk -> host path the reader threads
-  run (validate, then reading, hashing and packing's byte moves on the shared I/O threads);
+  run (validate, then reading and hashing on the shared I/O threads, packing meanwhile: on the GPU
+  on CUDA, else its byte moves on the I/O threads);
 * ``host_to_device``: the packed copy into the device pool, synchronised (CUDA only);
 * ``cold_load``: ``read_packed`` then ``host_to_device``: the issue's disk -> GPU figure (CUDA only);
 * ``load_adapter_fp32``: the float32 :func:`load_adapter` API (not on the serving path), for reference.
@@ -42,7 +45,7 @@ import torch
 
 from loraserve.config import LoRAConfig, ModelConfig
 from loraserve.lora import adapter
-from loraserve.lora.pool import DeviceLoRAPool, PackedAdapter, pack_adapter
+from loraserve.lora.pool import DeviceLoRAPool, PackedAdapter, pack_adapter, pack_adapter_on_device
 from loraserve.lora.store import AdapterStore
 from loraserve.ops.lora import lora_apply
 
@@ -140,6 +143,8 @@ def run(
     }
     if cuda:
         stages["pin_alloc"] = lambda: PackedAdapter.allocate(rank, model_cfg, dtype, "cpu", pin=True)
+        pack_stream = torch.cuda.Stream(device)
+        stages["pack_on_device"] = lambda: pack_adapter_on_device(stored, model_cfg, dtype, pack_stream)
     stages["read_packed"] = lambda: store._read_packed(str(path), "bench")
     if cuda:
         stages["host_to_device"] = host_to_device

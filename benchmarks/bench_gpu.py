@@ -17,6 +17,7 @@ weights with ``adapter_names`` batching, on a subset of requests.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -98,10 +99,39 @@ def warm_up(llm: LLM, prompts, loras) -> None:
     run_engine(llm, prompts[:n], [16] * n, loras[:n])
 
 
+class GCPauses:
+    """Python garbage-collector pauses (seconds, by generation) while installed: a full collection
+    scans every live object, which can stall a step as long as a kernel compile does."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []
+        self._t0 = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], time.perf_counter() - self._t0))
+
+    def __enter__(self) -> GCPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict:
+        by_gen = {}
+        for gen in (0, 1, 2):
+            p = [d for g, d in self.pauses if g == gen]
+            by_gen[f"gen{gen}"] = {"count": len(p), "seconds": sum(p), "max_s": max(p, default=0.0)}
+        return by_gen
+
+
 def run_engine(llm: LLM, prompts, out_lens, loras) -> dict:
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in out_lens]
     engine = llm.engine
-    steps: list[tuple[int, int, int, float]] = []
+    steps: list[tuple[int, int, int, float, int]] = []
     ids = []
     for i, (p, sp, lora) in enumerate(zip(prompts, params, loras, strict=True)):
         rid = f"r{i}"
@@ -111,18 +141,20 @@ def run_engine(llm: LLM, prompts, out_lens, loras) -> dict:
     compiles = COMPILES.mark()
     start = time.perf_counter()
     done = 0
-    while engine.has_unfinished():
-        t0 = time.perf_counter()
-        outs = engine.step()
-        st = engine.last_step
-        steps.append(
-            (st.num_seqs, st.num_adapters, st.adapter_bytes, time.perf_counter() - t0, st.num_tokens)
-        )
-        done += sum(1 for o in outs if o.finished)
+    with GCPauses() as gc_pauses:
+        while engine.has_unfinished():
+            t0 = time.perf_counter()
+            outs = engine.step()
+            st = engine.last_step
+            steps.append(
+                (st.num_seqs, st.num_adapters, st.adapter_bytes, time.perf_counter() - t0, st.num_tokens)
+            )
+            done += sum(1 for o in outs if o.finished)
     elapsed = time.perf_counter() - start
     out_tokens = sum(out_lens)
     decode = [s for s in steps if s[4] == s[0]]
     other = [s for s in steps if s[4] != s[0]]
+    slowest = sorted(range(len(steps)), key=lambda i: steps[i][3], reverse=True)[:8]
     return {
         "seconds": elapsed,
         "output_tokens": out_tokens,
@@ -137,8 +169,23 @@ def run_engine(llm: LLM, prompts, out_lens, loras) -> dict:
         "max_distinct_adapters_per_step": max((s[1] for s in steps), default=0),
         "mean_adapter_bytes_per_step": statistics.mean(s[2] for s in steps) if steps else 0,
         "mean_batch": statistics.mean(s[0] for s in steps) if steps else 0,
-        "slowest_steps_s": sorted((round(s[3], 4) for s in steps), reverse=True)[:5],
+        "slowest_steps_s": [round(steps[i][3], 4) for i in slowest[:5]],
+        # What the slowest steps were, to tell stalls (compiles, GC, loads) from heavy steps.
+        "slowest_steps": [
+            {
+                "index": i,
+                "seconds": round(steps[i][3], 4),
+                "seqs": steps[i][0],
+                "tokens": steps[i][4],
+                "adapters": steps[i][1],
+            }
+            for i in slowest
+        ],
+        # Median step time by kind, to set the slow steps against.
+        "median_decode_step_s": statistics.median(s[3] for s in decode) if decode else 0,
+        "median_other_step_s": statistics.median(s[3] for s in other) if other else 0,
         "compiles_during_run": COMPILES.since(compiles),
+        "gc_pauses": gc_pauses.summary(),
     }
 
 
@@ -228,6 +275,19 @@ def main() -> None:
             f"compiles {r.get('compiles_during_run')}  slowest {r.get('slowest_steps_s', [])[:3]}",
             flush=True,
         )
+        if "slowest_steps" in r:
+            gen2 = r["gc_pauses"]["gen2"]
+            print(
+                f"       median step decode {r['median_decode_step_s'] * 1e3:.1f} ms, "
+                f"other {r['median_other_step_s'] * 1e3:.1f} ms; full GCs {gen2['count']} "
+                f"({gen2['seconds']:.2f} s, max {gen2['max_s'] * 1e3:.0f} ms); slowest: "
+                + ", ".join(
+                    f"#{x['index']} {x['seconds'] * 1e3:.0f} ms ({x['tokens']} tok, {x['seqs']} seqs, "
+                    f"{x['adapters']} ad)"
+                    for x in r["slowest_steps"][:5]
+                ),
+                flush=True,
+            )
 
     if "a" in args.configs:
         llm = LLM(str(root), enable_lora=False, **common)

@@ -20,6 +20,7 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -195,7 +196,7 @@ def pack_adapter(
             rank = w.a.shape[0]
             packed.a[kind][layer, :rank, s].copy_(_operand(w.a, dtype))
             torch.mul(_operand(w.b, dtype).T, w.scale, out=packed.b[kind][s][layer, :rank])
-    if not all(all_finite(t) for t in packed.tensors()):
+    if not _all_finite(packed.tensors()):
         for (layer, module), w in modules.items():
             kind, s = _SLOTS[module]
             rank = w.a.shape[0]
@@ -207,10 +208,61 @@ def pack_adapter(
                 )
     if where.type != "cpu":
         host = PackedAdapter.allocate(r, cfg, dtype, "cpu", pin=pin)
-        for dst, src in zip(host.tensors(), packed.tensors(), strict=True):
-            dst.copy_(src)
+        # One copy of the whole buffer (the views share it); waited for on this stream only.
+        _whole_buffer(host).copy_(_whole_buffer(packed), non_blocking=pin)
+        if pin:
+            torch.cuda.current_stream(where).synchronize()
         packed = host
     return packed
+
+
+def pack_adapter_on_device(
+    stored: StoredAdapter, cfg: ModelConfig, dtype: torch.dtype, stream: torch.cuda.Stream
+) -> PackedAdapter:
+    """:func:`pack_adapter` with the arithmetic on ``stream``'s GPU; the result is in pinned host memory.
+
+    The read buffer goes up in one copy, is laid out, scaled and checked for finiteness there,
+    and the packed adapter comes back in one copy: at 7B size (80 MB) about 5 ms, where packing
+    on the host costs ~24 ms of CPU on the shared I/O threads that hashing also needs. Transient
+    device memory: about twice the adapter, on ``stream``, whose caching-allocator blocks the next
+    read reuses. Only ``stream`` is waited for; the engine's stream is never touched. Same values
+    as the host path (the same float32-opmath rounding into ``dtype``).
+    """
+    device = stream.device
+    with torch.cuda.stream(stream):
+        return pack_adapter(_on_device(stored, device), cfg, dtype, pin=True)
+
+
+def _on_device(stored: StoredAdapter, device: torch.device) -> StoredAdapter:
+    """``stored`` with its tensors on ``device``: one copy per host buffer, the tensors as views of it."""
+    copies: dict[int, torch.Tensor] = {}
+
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        up = copies.get(storage.data_ptr())
+        if up is None:
+            host = torch.empty(0, dtype=torch.uint8).set_(storage)
+            up = copies[storage.data_ptr()] = host.to(device, non_blocking=True)
+        view = torch.empty(0, dtype=t.dtype, device=device)
+        return view.set_(up.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+    modules = {loc: replace(m, a=moved(m.a), b=moved(m.b)) for loc, m in stored.modules.items()}
+    return replace(stored, modules=MappingProxyType(modules))
+
+
+def _whole_buffer(packed: PackedAdapter) -> torch.Tensor:
+    """The one buffer all of ``packed``'s tensors view (see :meth:`PackedAdapter.allocate`), as bytes."""
+    first = next(iter(packed.a.values()))
+    return torch.empty(0, dtype=torch.uint8, device=first.device).set_(first.untyped_storage())
+
+
+def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite: on a GPU with one synchronisation in all."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors or tensors[0].device.type == "cpu":
+        return all(all_finite(t) for t in tensors)
+    extremes = torch.stack([v for t in tensors for v in torch.aminmax(t)])
+    return bool(torch.isfinite(extremes).all())
 
 
 def row_bytes(cfg: ModelConfig, dtype: torch.dtype, dense: bool = False) -> int:

@@ -51,7 +51,7 @@ from loraserve.lora.adapter import (
     LoRAWeights,
     read_adapter,
 )
-from loraserve.lora.pool import DeviceLoRAPool, PackedAdapter, pack_adapter, row_bytes
+from loraserve.lora.pool import DeviceLoRAPool, PackedAdapter, pack_adapter, pack_adapter_on_device, row_bytes
 from loraserve.lora.prefetch import HostLoader, ReadResult
 from loraserve.lora.resolver import DirectoryResolver
 
@@ -214,6 +214,9 @@ class AdapterStore:
         self.cuda = pool.device.type == "cuda"
         self.device_tier = "gpu" if self.cuda else "device"
         self._copy_stream = torch.cuda.Stream(pool.device) if self.cuda else None
+        # Reads pack on the GPU (pool.pack_adapter_on_device), all on one stream so that its
+        # transient buffers are reused from read to read.
+        self._pack_stream = torch.cuda.Stream(pool.device) if self.cuda else None
         self._copies: dict[AdapterEntry, tuple[torch.cuda.Event, PackedAdapter]] = {}
         pool.before_compact = self._order_after_copies
         self._next_use: dict[AdapterEntry, int] = {}
@@ -618,15 +621,19 @@ class AdapterStore:
     def _read_packed(self, path: str, name: str) -> ReadResult:
         """Read, validate, hash and pack one adapter (runs on reader threads: touches no store state).
 
-        The file is read once and packed from its bytes straight into the model dtype; reading,
-        hashing and the byte moves of packing are split over the shared I/O threads (see
-        ``loraserve.lora.adapter.in_io_threads``). On CUDA the read buffer and the packed copy are
+        The file is read once and packed from its bytes straight into the model dtype; reading and
+        hashing (and, off CUDA, packing's byte moves) are split over the shared I/O threads (see
+        ``loraserve.lora.adapter.in_io_threads``). On CUDA the packing itself runs on the GPU,
+        meanwhile (``pool.pack_adapter_on_device``), and the read buffer and the packed copy are
         pinned: the packed copy for ``non_blocking`` copies, and both so that torch's caching host
         allocator recycles them (fresh memory costs a page fault per 4 KiB).
         """
         t0 = time.perf_counter()
         stored = read_adapter(path, self.spec, self.cfg.max_lora_rank, name=name, pin=self.cuda)
-        packed = pack_adapter(stored, self.model_cfg, self.dtype, pin=self.cuda)
+        if self._pack_stream is not None:
+            packed = pack_adapter_on_device(stored, self.model_cfg, self.dtype, self._pack_stream)
+        else:
+            packed = pack_adapter(stored, self.model_cfg, self.dtype)
         return ReadResult(
             stored.content_hash,
             stored.rank,

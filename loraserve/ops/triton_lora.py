@@ -68,6 +68,8 @@ _MAX_SLICES = 3
 DECODE_BLOCK_M = 16
 DECODE_SHRINK_BLOCK_N = 16
 MAX_DECODE_RANK = 128
+# The decode expand's rank chunks: 16, 32, 64, 128.
+_DECODE_CHUNKS = (MAX_DECODE_RANK // 16).bit_length()
 # Decode grids: programs per SM. A few resident programs per SM, each streaming tens of KB through a
 # pipelined loop, keep enough loads in flight to approach copy bandwidth. The grid should fit in one
 # wave: on sm_90 the shrink needs ~70 registers per thread and 24 KB of shared memory (6+ programs
@@ -731,8 +733,8 @@ def _expand_decode_kernel(
     mask_m = offs_m < length
     tok = (start + offs_m).to(tl.int64)
     # The smallest rank chunk (16 * 2**i: 16, 32, 64, 128) that holds this segment's rank, so that a
-    # rank-16 adapter in a batch with max_rank 64 loads [16, B_TILE // 16] B tiles; only the NUM_CHUNKS
-    # chunks up to max_rank are compiled. One loop per chunk size keeps each a single pipelined sweep.
+    # rank-16 adapter in a batch with max_rank 64 loads [16, B_TILE // 16] B tiles. One loop per chunk
+    # size keeps each a single pipelined sweep.
     chunk = (rank > 16).to(tl.int32) + (rank > 32).to(tl.int32) + (rank > 64).to(tl.int32)
     for i in tl.static_range(NUM_CHUNKS):
         if chunk == i:
@@ -888,11 +890,12 @@ def lora_expand_triton(
         if meta.max_rank > MAX_DECODE_RANK:
             raise ValueError(f"the decode expand supports max_rank <= {MAX_DECODE_RANK}, got {meta.max_rank}")
         grid = _decode_grid(cfg.programs, num_tokens, num_segs)
-        # Rank chunks 16, 32, ... up to the one holding max_rank.
-        num_chunks = (max(16, triton.next_power_of_2(meta.max_rank)) // 16).bit_length()
+        # Every rank chunk, whatever the step's max_rank: one compiled variant per layer shape, so
+        # that eager steps (max_rank bucketed from their segments) run the variant the CUDA graphs
+        # (max_rank = the pool's) compiled, instead of compiling their own mid-run (run 5: 1.7 s).
         _expand_decode_kernel[grid](
             y, t, *padded, *segs, num_segs, *outs, *strides, *t_strides,
-            BLOCK_M=DECODE_BLOCK_M, NUM_CHUNKS=num_chunks, B_TILE=cfg.b_tile, **consts,
+            BLOCK_M=DECODE_BLOCK_M, NUM_CHUNKS=_DECODE_CHUNKS, B_TILE=cfg.b_tile, **consts,
         )  # fmt: skip
     else:
         nblks = [triton.cdiv(o, cfg.block_n) for o in outs]

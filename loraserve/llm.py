@@ -188,6 +188,10 @@ class LLM:
         """One adapter: tier, bytes per tier, pinned, in flight, hits/misses/loads/evictions."""
         return self.engine.adapter_info(name)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget the cached prompt KV no running request uses; returns the number of blocks dropped."""
+        return self.engine.reset_prefix_cache()
+
     # generation -----------------------------------------------------------------------------
     def generate(
         self,

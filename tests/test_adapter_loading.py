@@ -8,6 +8,7 @@ against a re-statement of it.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -20,7 +21,6 @@ from safetensors.torch import load_file, save_file
 
 from loraserve.config import ModelConfig
 from loraserve.lora import adapter as adapter_module
-from loraserve.lora import pool as pool_module
 from loraserve.lora.adapter import (
     LORA_MODULES,
     AdapterError,
@@ -684,29 +684,9 @@ def test_packing_from_file_bytes_equals_float32_packing(
         assert all(torch.equal(p, e) for p, e in zip(packed.tensors(), expected, strict=True)), dtype
         from_fp32 = pack_adapter(reference, cfg, dtype)
         assert all(torch.equal(p, e) for p, e in zip(from_fp32.tensors(), expected, strict=True)), dtype
-
-
-def test_adapter_views_rebuilt_on_another_buffer(
-    env: dict[str, Path], spec: LoRAModelSpec, tmp_path: Path
-) -> None:
-    """The device-pack path's views (each tensor at its offset in a copy of the read buffer, a
-    misaligned one from its own copy) pack to exactly what the original tensors pack to."""
-    cfg = ModelConfig.from_dir(env["base"])
-    stored = read_adapter(env["patterns"], spec, max_rank=64)
-    moved = pool_module._on_device(stored, torch.device("cpu"))
-    for loc, m in stored.modules.items():
-        assert torch.equal(moved.modules[loc].a, m.a) and torch.equal(moved.modules[loc].b, m.b)
-    for dtype in (torch.float32, torch.bfloat16):
-        want = pack_adapter(stored, cfg, dtype).tensors()
-        got = pack_adapter(moved, cfg, dtype).tensors()
-        assert all(torch.equal(p, q) for p, q in zip(got, want, strict=True))
-    odd = read_adapter(
-        misaligned_adapter(tmp_path), LoRAModelSpec(num_layers=1, shapes={"q_proj": (3, 5)}), 4
-    )
-    (m,) = odd.modules.values()
-    assert m.a.untyped_storage().data_ptr() != m.b.untyped_storage().data_ptr()  # B was cloned
-    (moved_m,) = pool_module._on_device(odd, torch.device("cpu")).modules.values()
-    assert torch.equal(moved_m.a, m.a) and torch.equal(moved_m.b, m.b)
+        # The CUDA read path's steps (B moved as stored, transposed by torch), here on the CPU.
+        staged = pack_adapter_on_device(stored, cfg, dtype, None)
+        assert all(torch.equal(p, e) for p, e in zip(staged.tensors(), expected, strict=True)), dtype
 
 
 @pytest.mark.gpu
@@ -762,34 +742,26 @@ def test_header_checks_come_before_reading_weights(
     refused(env["plain"], other, "different model")
 
 
-_ODD_A = torch.tensor([[1.5, -2.0, 0.25]], dtype=torch.float16)  # 6 bytes: B starts at byte 6
-_ODD_B = torch.tensor([[3.0], [-1.0], [0.5], [2.0], [7.0]], dtype=torch.float32)
-
-
-def misaligned_adapter(tmp_path: Path) -> Path:
-    """A rank-1 q_proj adapter whose float32 B starts at byte 6 of the data (model: 3 -> 5 features)."""
+def test_misaligned_tensor_data(tmp_path: Path) -> None:
+    """Other writers need not align tensor data; such a tensor is copied rather than viewed."""
     d = tmp_path / "odd"
     d.mkdir()
     (d / "adapter_config.json").write_text(
         json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 2, "target_modules": ["q_proj"]})
     )
+    a = torch.tensor([[1.5, -2.0, 0.25]], dtype=torch.float16)  # 6 bytes: B starts at byte 6
+    b = torch.tensor([[3.0], [-1.0], [0.5], [2.0], [7.0]], dtype=torch.float32)
     prefix = "base_model.model.model.layers.0.self_attn.q_proj"
     write_raw_safetensors(
         d / ST,
         [
-            (f"{prefix}.lora_A.weight", "F16", [1, 3], _ODD_A.numpy().tobytes()),
-            (f"{prefix}.lora_B.weight", "F32", [5, 1], _ODD_B.numpy().tobytes()),
+            (f"{prefix}.lora_A.weight", "F16", [1, 3], a.numpy().tobytes()),
+            (f"{prefix}.lora_B.weight", "F32", [5, 1], b.numpy().tobytes()),
         ],
     )
-    return d
-
-
-def test_misaligned_tensor_data(tmp_path: Path) -> None:
-    """Other writers need not align tensor data; such a tensor is copied rather than viewed."""
     spec = LoRAModelSpec(num_layers=1, shapes={"q_proj": (3, 5)})
-    w = load_adapter(misaligned_adapter(tmp_path), spec, max_rank=4)
-    assert torch.equal(w.modules[(0, "q_proj")].a, _ODD_A.float())
-    assert torch.equal(w.modules[(0, "q_proj")].b, _ODD_B)
+    w = load_adapter(d, spec, max_rank=4)
+    assert torch.equal(w.modules[(0, "q_proj")].a, a.float()) and torch.equal(w.modules[(0, "q_proj")].b, b)
 
 
 @pytest.mark.parametrize(
@@ -856,7 +828,8 @@ def test_packing_refuses_overflow_of_the_serving_dtype(
     edit_tensors(d, big)
     stored = read_adapter(d, spec, max_rank=8, name="bad")
     cfg = ModelConfig.from_dir(env["base"])
-    pack_adapter(stored, cfg, torch.bfloat16)  # fits bfloat16
-    with pytest.raises(AdapterError, match="overflows float16 once scaled by 2") as info:
-        pack_adapter(stored, cfg, torch.float16)
-    assert key in str(info.value) and "adapter 'bad'" in str(info.value)
+    for pack in (pack_adapter, functools.partial(pack_adapter_on_device, stream=None)):
+        pack(stored, cfg, torch.bfloat16)  # fits bfloat16
+        with pytest.raises(AdapterError, match="overflows float16 once scaled by 2") as info:
+            pack(stored, cfg, torch.float16)
+        assert key in str(info.value) and "adapter 'bad'" in str(info.value)

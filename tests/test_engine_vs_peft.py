@@ -93,6 +93,13 @@ def test_prefix_cache_hits_give_same_outputs(llama):
     assert all(o.num_cached_tokens >= 16 for o in second), [o.num_cached_tokens for o in second]
     check_against_peft(llama, prompts, loras, first)
     check_against_peft(llama, prompts, loras, second)
+    # After a reset nothing is reused, and the outputs are unchanged.
+    assert llm.reset_prefix_cache() > 0
+    third = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], GREEDY, lora_request=loras, use_tqdm=False
+    )
+    assert all(o.num_cached_tokens == 0 for o in third), [o.num_cached_tokens for o in third]
+    assert [o.outputs[0].token_ids for o in third] == [o.outputs[0].token_ids for o in first]
 
 
 def test_chunked_prefill_and_preemption(llama):

@@ -235,6 +235,11 @@ class LLMEngine:
                 self.scheduler.finish(seq)
         return True
 
+    def reset_prefix_cache(self) -> int:
+        """Drop the prefix cache's unused blocks (vLLM's ``reset_prefix_cache``), e.g. between
+        benchmark runs; returns how many blocks were forgotten."""
+        return self.blocks.reset_prefix_cache()
+
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 

@@ -121,6 +121,19 @@ class BlockManager:
         self.blocks[block_id].hash = h
         self.hash_to_block.setdefault(h, block_id)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block no sequence holds (they stay free, as fresh blocks); returns how
+        many. Blocks in use keep their hashes: their contents are live and correct."""
+        dropped = 0
+        for bid in self.free_ids:
+            block = self.blocks[bid]
+            if block.hash is not None:
+                if self.hash_to_block.get(block.hash) == bid:
+                    del self.hash_to_block[block.hash]
+                block.hash = None
+                dropped += 1
+        return dropped
+
     def free(self, block_ids: list[int]) -> None:
         """Drop one reference from each block; unreferenced blocks go to the back of the free list."""
         for bid in reversed(block_ids):

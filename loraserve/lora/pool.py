@@ -16,11 +16,11 @@ takes ``r * row_bytes`` on the device and as a packed host copy -- its own rank,
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -78,6 +78,20 @@ class PackedAdapter:
             b[kind] = [next(views).view(s) for s in b_shapes]
         return cls(rank, a, b)
 
+    def empty_like(self, device: torch.device | str, pin: bool = False) -> PackedAdapter:
+        """Uninitialised tensors of the same shapes and dtype on ``device``, views of one buffer."""
+        tensors = self.tensors()
+        flat = torch.empty(
+            sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=device, pin_memory=pin
+        )
+        views = iter(torch.split(flat, [t.numel() for t in tensors]))
+        a: dict[str, torch.Tensor] = {}
+        b: dict[str, list[torch.Tensor]] = {}
+        for kind, a_kind in self.a.items():  # the order of ``tensors()``
+            a[kind] = next(views).view(a_kind.shape)
+            b[kind] = [next(views).view(b_s.shape) for b_s in self.b[kind]]
+        return PackedAdapter(self.rank, a, b)
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor: each kind's A, then its B slices."""
         return [t for kind, a in self.a.items() for t in (a, *self.b[kind])]
@@ -121,26 +135,77 @@ def _zero_unused_rows(packed: PackedAdapter, modules: Mapping[tuple[int, str], A
                 t.zero_()
 
 
-def _move_bytes(staging: PackedAdapter, modules: Mapping[tuple[int, str], Any]) -> None:
-    """Copy each module's A, and its B transposed, into its rows of ``staging`` (same dtype, host).
+def _as_b_stored(b: torch.Tensor) -> torch.Tensor:
+    """A ``[L, r, out]`` B buffer's bytes seen as ``[L, out, r]``: B as the file stores it, per layer."""
+    return b.view(b.shape[0], b.shape[2], b.shape[1])
+
+
+def _move_bytes(staging: PackedAdapter, modules: Mapping[tuple[int, str], Any], transpose_b: bool) -> None:
+    """Copy each module's A into its rows of ``staging`` (same dtype, host), and its B transposed
+    into them (``transpose_b``) or as stored into :func:`_as_b_stored` of them.
 
     Numpy copies on the shared I/O threads: one torch kernel per module would enter torch's
     intra-op thread pool hundreds of times, each a fork/join of every core, which stalls badly
     while other threads (hashing, the engine) hold cores.
     """
     a_raw = {kind: _raw(a) for kind, a in staging.a.items()}
-    b_raw = {kind: [_raw(b) for b in bs] for kind, bs in staging.b.items()}
+    b_dst = {kind: [b if transpose_b else _as_b_stored(b) for b in bs] for kind, bs in staging.b.items()}
+    b_raw = {kind: [_raw(b) for b in bs] for kind, bs in b_dst.items()}
 
     def move(run: Sequence[tuple[tuple[int, str], Any]]) -> None:
         for (layer, module), w in run:
             kind, s = _SLOTS[module]
             rank = w.a.shape[0]
             np.copyto(a_raw[kind][layer, :rank, s], _raw(w.a))
-            np.copyto(b_raw[kind][s][layer, :rank], _raw(w.b).T)
+            if transpose_b:
+                np.copyto(b_raw[kind][s][layer, :rank], _raw(w.b).T)
+            else:
+                np.copyto(b_raw[kind][s][layer, :, :rank], _raw(w.b))
 
     items = list(modules.items())
     for run in in_io_threads(move, items, [w.a.nbytes + w.b.nbytes for _, w in items]):
         run.result()
+
+
+def _convert_and_scale(
+    packed: PackedAdapter,
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, Sequence[torch.Tensor]],
+    modules: Mapping[tuple[int, str], Any],
+    num_layers: int,
+) -> None:
+    """``packed``'s A from ``a`` and its B from ``b`` times each module's scale, in ``packed``'s dtype
+    (``a``/``b`` in pool layout, any dtype; ``a`` may be ``packed.a`` itself): a few large ops."""
+    dtype = packed.a[next(iter(packed.a))].dtype
+    for kind, mods in LORA_LAYER_SLICES.items():
+        if a[kind] is not packed.a[kind]:
+            packed.a[kind].copy_(_operand(a[kind], dtype))
+        for s, module in enumerate(mods):
+            # Scales differ between layers only with rank/alpha patterns: one op per run of layers
+            # sharing one (zero rows of absent modules take any scale).
+            scales = [
+                modules[(layer, module)].scale if (layer, module) in modules else 1.0
+                for layer in range(num_layers)
+            ]
+            start = 0
+            for scale, run in itertools.groupby(scales):
+                end = start + len(list(run))
+                torch.mul(_operand(b[kind][s][start:end], dtype), scale, out=packed.b[kind][s][start:end])
+                start = end
+
+
+def _check_finite(packed: PackedAdapter, weights: LoRAWeights | StoredAdapter) -> None:
+    """Raise :class:`AdapterError` naming the first tensor whose packed values are not finite."""
+    if _all_finite(packed.tensors()):
+        return
+    dtype = packed.a[next(iter(packed.a))].dtype
+    for (layer, module), w in weights.modules.items():
+        kind, s = _SLOTS[module]
+        rank = w.a.shape[0]
+        if not all_finite(packed.a[kind][layer, :rank, s]):
+            raise nonfinite_error(weights.where, weights.tensor_name((layer, module), "A"), dtype)
+        if not all_finite(packed.b[kind][s][layer, :rank]):
+            raise nonfinite_error(weights.where, weights.tensor_name((layer, module), "B"), dtype, w.scale)
 
 
 def pack_adapter(
@@ -171,23 +236,8 @@ def pack_adapter(
         (src_dtype,) = src_dtypes
         staging = packed if src_dtype == dtype else PackedAdapter.allocate(r, cfg, src_dtype, "cpu", pin)
         _zero_unused_rows(staging, modules, cfg.num_layers)
-        _move_bytes(staging, modules)
-        for kind, mods in LORA_LAYER_SLICES.items():
-            if staging is not packed:
-                packed.a[kind].copy_(_operand(staging.a[kind], dtype))
-            for s, module in enumerate(mods):
-                # Scales differ between layers only with rank/alpha patterns: one op per run of
-                # layers sharing one (zero rows of absent modules take any scale).
-                scales = [
-                    modules[(layer, module)].scale if (layer, module) in modules else 1.0
-                    for layer in range(cfg.num_layers)
-                ]
-                start = 0
-                for scale, run in itertools.groupby(scales):
-                    end = start + len(list(run))
-                    src = _operand(staging.b[kind][s][start:end], dtype)
-                    torch.mul(src, scale, out=packed.b[kind][s][start:end])
-                    start = end
+        _move_bytes(staging, modules, transpose_b=True)
+        _convert_and_scale(packed, staging.a, staging.b, modules, cfg.num_layers)
     else:
         # On a GPU (kernels are cheap there), or with mixed dtypes: one torch op per tensor.
         _zero_unused_rows(packed, modules, cfg.num_layers)
@@ -196,58 +246,57 @@ def pack_adapter(
             rank = w.a.shape[0]
             packed.a[kind][layer, :rank, s].copy_(_operand(w.a, dtype))
             torch.mul(_operand(w.b, dtype).T, w.scale, out=packed.b[kind][s][layer, :rank])
-    if not _all_finite(packed.tensors()):
-        for (layer, module), w in modules.items():
-            kind, s = _SLOTS[module]
-            rank = w.a.shape[0]
-            if not all_finite(packed.a[kind][layer, :rank, s]):
-                raise nonfinite_error(weights.where, weights.tensor_name((layer, module), "A"), dtype)
-            if not all_finite(packed.b[kind][s][layer, :rank]):
-                raise nonfinite_error(
-                    weights.where, weights.tensor_name((layer, module), "B"), dtype, w.scale
-                )
-    if where.type != "cpu":
-        host = PackedAdapter.allocate(r, cfg, dtype, "cpu", pin=pin)
-        # One copy of the whole buffer (the views share it); waited for on this stream only.
-        _whole_buffer(host).copy_(_whole_buffer(packed), non_blocking=pin)
-        if pin:
-            torch.cuda.current_stream(where).synchronize()
-        packed = host
-    return packed
+    _check_finite(packed, weights)
+    return _to_host(packed, pin)
 
 
 def pack_adapter_on_device(
-    stored: StoredAdapter, cfg: ModelConfig, dtype: torch.dtype, stream: torch.cuda.Stream
+    stored: StoredAdapter, cfg: ModelConfig, dtype: torch.dtype, stream: torch.cuda.Stream | None
 ) -> PackedAdapter:
-    """:func:`pack_adapter` with the arithmetic on ``stream``'s GPU; the result is in pinned host memory.
+    """:func:`pack_adapter`, with the transposes, conversion, scaling and finiteness check on a GPU.
 
-    The read buffer goes up in one copy, is laid out, scaled and checked for finiteness there,
-    and the packed adapter comes back in one copy: at 7B size (80 MB) about 5 ms, where packing
-    on the host costs ~24 ms of CPU on the shared I/O threads that hashing also needs. Transient
-    device memory: about twice the adapter, on ``stream``, whose caching-allocator blocks the next
-    read reuses. Only ``stream`` is waited for; the engine's stream is never touched. Same values
-    as the host path (the same float32-opmath rounding into ``dtype``).
+    The host only moves bytes: A into pool layout, B as stored (no transpose), on the shared I/O
+    threads; one copy takes that up to ``stream``'s GPU, a few large ops finish the layout there,
+    and one copy brings the packed adapter back into pinned host memory. At 7B size (80 MB) the
+    host's transposes, scaling and check cost ~24 ms of CPU that hashing needs meanwhile; and a
+    loop of per-module torch ops would hold the GIL so long that the hashing threads (which take
+    it back after every tensor) stall. Transient device memory: twice the adapter, on
+    ``stream``, whose caching-allocator blocks the next read reuses. Only ``stream`` is waited
+    for, never the engine's. Same values as :func:`pack_adapter` (the same float32-opmath
+    rounding into ``dtype``). ``stream`` None runs the same steps on the CPU (for tests). Adapters
+    whose tensors mix dtypes take :func:`pack_adapter`.
     """
-    device = stream.device
-    with torch.cuda.stream(stream):
-        return pack_adapter(_on_device(stored, device), cfg, dtype, pin=True)
+    modules = stored.modules
+    src_dtypes = {t.dtype for w in modules.values() for t in (w.a, w.b)}
+    if len(src_dtypes) != 1:
+        return pack_adapter(stored, cfg, dtype, pin=stream is not None)
+    (src_dtype,) = src_dtypes
+    r, cuda = stored.rank, stream is not None
+    staging = PackedAdapter.allocate(r, cfg, src_dtype, "cpu", pin=cuda)
+    _zero_unused_rows(staging, modules, cfg.num_layers)
+    _move_bytes(staging, modules, transpose_b=False)
+    with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+        device = stream.device if cuda else torch.device("cpu")
+        up = PackedAdapter.allocate(r, cfg, src_dtype, device)
+        _whole_buffer(up).copy_(_whole_buffer(staging), non_blocking=cuda)
+        packed = PackedAdapter.allocate(r, cfg, dtype, device)
+        b = {kind: [_as_b_stored(b_s).transpose(1, 2) for b_s in bs] for kind, bs in up.b.items()}
+        _convert_and_scale(packed, up.a, b, modules, cfg.num_layers)
+        _check_finite(packed, stored)
+        return _to_host(packed, pin=cuda)
 
 
-def _on_device(stored: StoredAdapter, device: torch.device) -> StoredAdapter:
-    """``stored`` with its tensors on ``device``: one copy per host buffer, the tensors as views of it."""
-    copies: dict[int, torch.Tensor] = {}
-
-    def moved(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        up = copies.get(storage.data_ptr())
-        if up is None:
-            host = torch.empty(0, dtype=torch.uint8).set_(storage)
-            up = copies[storage.data_ptr()] = host.to(device, non_blocking=True)
-        view = torch.empty(0, dtype=t.dtype, device=device)
-        return view.set_(up.untyped_storage(), t.storage_offset(), t.shape, t.stride())
-
-    modules = {loc: replace(m, a=moved(m.a), b=moved(m.b)) for loc, m in stored.modules.items()}
-    return replace(stored, modules=MappingProxyType(modules))
+def _to_host(packed: PackedAdapter, pin: bool) -> PackedAdapter:
+    """``packed`` itself if on the host, else a host copy (pinned with ``pin``), made in one copy and
+    waited for on the current stream only."""
+    where = packed.a[next(iter(packed.a))].device
+    if where.type == "cpu":
+        return packed
+    host = packed.empty_like("cpu", pin=pin)
+    _whole_buffer(host).copy_(_whole_buffer(packed), non_blocking=pin)
+    if pin:
+        torch.cuda.current_stream(where).synchronize()
+    return host
 
 
 def _whole_buffer(packed: PackedAdapter) -> torch.Tensor:

@@ -135,32 +135,22 @@ def _zero_unused_rows(packed: PackedAdapter, modules: Mapping[tuple[int, str], A
                 t.zero_()
 
 
-def _as_b_stored(b: torch.Tensor) -> torch.Tensor:
-    """A ``[L, r, out]`` B buffer's bytes seen as ``[L, out, r]``: B as the file stores it, per layer."""
-    return b.view(b.shape[0], b.shape[2], b.shape[1])
-
-
-def _move_bytes(staging: PackedAdapter, modules: Mapping[tuple[int, str], Any], transpose_b: bool) -> None:
-    """Copy each module's A into its rows of ``staging`` (same dtype, host), and its B transposed
-    into them (``transpose_b``) or as stored into :func:`_as_b_stored` of them.
+def _move_bytes(staging: PackedAdapter, modules: Mapping[tuple[int, str], Any]) -> None:
+    """Copy each module's A, and its B transposed, into its rows of ``staging`` (same dtype, host).
 
     Numpy copies on the shared I/O threads: one torch kernel per module would enter torch's
     intra-op thread pool hundreds of times, each a fork/join of every core, which stalls badly
     while other threads (hashing, the engine) hold cores.
     """
     a_raw = {kind: _raw(a) for kind, a in staging.a.items()}
-    b_dst = {kind: [b if transpose_b else _as_b_stored(b) for b in bs] for kind, bs in staging.b.items()}
-    b_raw = {kind: [_raw(b) for b in bs] for kind, bs in b_dst.items()}
+    b_raw = {kind: [_raw(b) for b in bs] for kind, bs in staging.b.items()}
 
     def move(run: Sequence[tuple[tuple[int, str], Any]]) -> None:
         for (layer, module), w in run:
             kind, s = _SLOTS[module]
             rank = w.a.shape[0]
             np.copyto(a_raw[kind][layer, :rank, s], _raw(w.a))
-            if transpose_b:
-                np.copyto(b_raw[kind][s][layer, :rank], _raw(w.b).T)
-            else:
-                np.copyto(b_raw[kind][s][layer, :, :rank], _raw(w.b))
+            np.copyto(b_raw[kind][s][layer, :rank], _raw(w.b).T)
 
     items = list(modules.items())
     for run in in_io_threads(move, items, [w.a.nbytes + w.b.nbytes for _, w in items]):
@@ -236,7 +226,7 @@ def pack_adapter(
         (src_dtype,) = src_dtypes
         staging = packed if src_dtype == dtype else PackedAdapter.allocate(r, cfg, src_dtype, "cpu", pin)
         _zero_unused_rows(staging, modules, cfg.num_layers)
-        _move_bytes(staging, modules, transpose_b=True)
+        _move_bytes(staging, modules)
         _convert_and_scale(packed, staging.a, staging.b, modules, cfg.num_layers)
     else:
         # On a GPU (kernels are cheap there), or with mixed dtypes: one torch op per tensor.
@@ -253,35 +243,66 @@ def pack_adapter(
 def pack_adapter_on_device(
     stored: StoredAdapter, cfg: ModelConfig, dtype: torch.dtype, stream: torch.cuda.Stream | None
 ) -> PackedAdapter:
-    """:func:`pack_adapter`, with the transposes, conversion, scaling and finiteness check on a GPU.
+    """:func:`pack_adapter` done on ``stream``'s GPU: the read buffer up in one copy, the layout
+    gathered, converted, scaled and checked there by a few large ops, the packed adapter back into
+    pinned host memory in one copy.
 
-    The host only moves bytes: A into pool layout, B as stored (no transpose), on the shared I/O
-    threads; one copy takes that up to ``stream``'s GPU, a few large ops finish the layout there,
-    and one copy brings the packed adapter back into pinned host memory. At 7B size (80 MB) the
-    host's transposes, scaling and check cost ~24 ms of CPU that hashing needs meanwhile; and a
-    loop of per-module torch ops would hold the GIL so long that the hashing threads (which take
-    it back after every tensor) stall. Transient device memory: twice the adapter, on
-    ``stream``, whose caching-allocator blocks the next read reuses. Only ``stream`` is waited
-    for, never the engine's. Same values as :func:`pack_adapter` (the same float32-opmath
-    rounding into ``dtype``). ``stream`` None runs the same steps on the CPU (for tests). Adapters
-    whose tensors mix dtypes take :func:`pack_adapter`.
+    At 7B size (80 MB) the host path costs ~24 ms of CPU on the H200's host, mostly byte moves,
+    on the I/O threads that hashing needs meanwhile; a loop of per-module torch ops instead holds
+    the GIL so long that the hashing threads (which take it back after every tensor) stall. Here
+    each module type is one gather over all layers (an index of ``L x`` its elements, transient).
+    Transient device memory: about three times the adapter, on ``stream``, whose
+    caching-allocator blocks the next read reuses; only ``stream`` is waited for, never the
+    engine's. Same values as :func:`pack_adapter` (same float32-opmath rounding into ``dtype``).
+
+    ``stream`` None runs the same steps on the CPU (for tests). Adapters outside the common shape
+    -- tensors of mixed dtypes, a misaligned tensor (copied apart from the read buffer), or a
+    module type not on every layer at the adapter's rank (``rank_pattern``,
+    ``layers_to_transform``) -- take :func:`pack_adapter`.
     """
+    cuda = stream is not None
     modules = stored.modules
-    src_dtypes = {t.dtype for w in modules.values() for t in (w.a, w.b)}
-    if len(src_dtypes) != 1:
-        return pack_adapter(stored, cfg, dtype, pin=stream is not None)
-    (src_dtype,) = src_dtypes
-    r, cuda = stored.rank, stream is not None
-    staging = PackedAdapter.allocate(r, cfg, src_dtype, "cpu", pin=cuda)
-    _zero_unused_rows(staging, modules, cfg.num_layers)
-    _move_bytes(staging, modules, transpose_b=False)
+    r, num_layers = stored.rank, cfg.num_layers
+    tensors = [t for w in modules.values() for t in (w.a, w.b)]
+    src_dtype = tensors[0].dtype
+    storage = tensors[0].untyped_storage()
+    per_type: dict[str, list[Any]] = {}
+    for module in _SLOTS:
+        ws = [modules.get((layer, module)) for layer in range(num_layers)]
+        if any(w is not None for w in ws):
+            per_type[module] = ws
+    if (
+        any(t.dtype != src_dtype or t.untyped_storage().data_ptr() != storage.data_ptr() for t in tensors)
+        or storage.nbytes() % src_dtype.itemsize
+        or any(w is None or w.a.shape[0] != r for ws in per_type.values() for w in ws)
+    ):
+        return pack_adapter(stored, cfg, dtype, pin=cuda)
+    offsets = torch.tensor(
+        [[w.a.storage_offset(), w.b.storage_offset()] for ws in per_type.values() for w in ws]
+    )
     with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
         device = stream.device if cuda else torch.device("cpu")
-        up = PackedAdapter.allocate(r, cfg, src_dtype, device)
-        _whole_buffer(up).copy_(_whole_buffer(staging), non_blocking=cuda)
+        flat = torch.empty(0, dtype=torch.uint8).set_(storage).to(device, non_blocking=cuda).view(src_dtype)
+        offsets = offsets.view(len(per_type), num_layers, 2).to(device, non_blocking=cuda)
+        shapes = kind_shapes(cfg)
+        a_src = {
+            kind: torch.zeros(num_layers, r, len(outs), in_f, dtype=src_dtype, device=device)
+            for kind, (in_f, outs) in shapes.items()
+        }
+        b_src = {
+            kind: [torch.zeros(num_layers, r, out, dtype=src_dtype, device=device) for out in outs]
+            for kind, (_, outs) in shapes.items()
+        }
+        for i, module in enumerate(per_type):
+            kind, s = _SLOTS[module]
+            in_f, out = shapes[kind][0], shapes[kind][1][s]
+            # Element j of layer l's tensor is flat[offset[l] + j]: one gather per module type.
+            a = flat[offsets[i, :, :1] + torch.arange(r * in_f, device=device)]
+            a_src[kind][:, :, s] = a.view(num_layers, r, in_f)
+            b = flat[offsets[i, :, 1:] + torch.arange(out * r, device=device)]
+            b_src[kind][s] = b.view(num_layers, out, r).transpose(1, 2)
         packed = PackedAdapter.allocate(r, cfg, dtype, device)
-        b = {kind: [_as_b_stored(b_s).transpose(1, 2) for b_s in bs] for kind, bs in up.b.items()}
-        _convert_and_scale(packed, up.a, b, modules, cfg.num_layers)
+        _convert_and_scale(packed, a_src, b_src, modules, num_layers)
         _check_finite(packed, stored)
         return _to_host(packed, pin=cuda)
 

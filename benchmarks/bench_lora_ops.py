@@ -19,7 +19,12 @@ once with the ``new`` defaults (the decode kernels). It prints us per layer copy
 copy bandwidth achieved over the bytes the layer must move; the ``all4`` rows sum the four layers
 (one decoder layer).
 
-    python benchmarks/bench_lora_ops.py [--suite eager|decode|all] [--reps 50] [--layers 32] [--sweep]
+``crossover`` (only when asked for): the decode kernels against the tiled ones on the segment
+layouts of eager prefill / mixed steps (one adapter over T tokens; 8 even segments; 51 adapters'
+decode rows of 4 tokens plus one prefill chunk), T from 256 to 8,192, per decoder layer in CUDA
+graphs, with the kernel family the heuristic (``_use_decode``) picks: where it should switch.
+
+    python benchmarks/bench_lora_ops.py [--suite eager|decode|crossover|all] [--reps 50] [--layers 32] [--sweep]
 
 ``--sweep`` also times a small grid of configs per case (eager: around the default kernels' configs;
 decode: the decode kernels') and reports the best, to tune the heuristics in ``triton_lora``. Needs
@@ -101,11 +106,13 @@ def make_inputs(
     num_layers: int = 1,
     capacity: int = 0,
     max_rank: int = 0,
+    lengths: Sequence[int] | None = None,
 ) -> Inputs:
     """Pools holding exactly the active adapters, in shuffled row order; one run of tokens each.
 
     ``capacity``: pad the segment tensors with zero-length segments to this size (a CUDA graph's
-    ``N_cap``); ``max_rank``: the ``max_rank`` to run with instead of ``rank``.
+    ``N_cap``); ``max_rank``: the ``max_rank`` to run with instead of ``rank``; ``lengths``: each
+    adapter's tokens (default: ``num_tokens`` split evenly).
     """
     gen = torch.Generator().manual_seed(0)
     num_slices = len(outs)
@@ -121,9 +128,13 @@ def make_inputs(
     ]
     y = torch.randn(num_tokens, sum(outs), device="cuda", dtype=DTYPE)
     order = torch.randperm(num_adapters, generator=gen).tolist()
+    if lengths is None:
+        lengths = [
+            (i + 1) * num_tokens // num_adapters - i * num_tokens // num_adapters for i in range(num_adapters)
+        ]
+    ends = list(itertools.accumulate(lengths))
     segments = [
-        (i * num_tokens // num_adapters, (i + 1) * num_tokens // num_adapters, order[i] * rank, rank)
-        for i in range(num_adapters)
+        (end - n, end, order[i] * rank, rank) for i, (n, end) in enumerate(zip(lengths, ends, strict=True))
     ]
     meta = lora.LoRASegments.build(segments, num_tokens, device="cuda")
     if capacity:
@@ -451,11 +462,71 @@ def run_decode(args: argparse.Namespace, timer: Timer, copy_bw: float, num_sms: 
     return rows
 
 
+# Crossover suite: (label, tokens, segment lengths) as eager prefill / mixed steps have them.
+def _crossover_cases() -> list[tuple[str, int, list[int]]]:
+    cases = []
+    for t in (256, 640, 1024, 2048, 4096, 8192):
+        cases.append(("1 adapter", t, [t]))
+        cases.append(("8 even", t, [t // 8] * 8))
+        # A mixed step of the 128-adapter run: 51 adapters' decode rows (4 each) and one prefill chunk.
+        cases.append(("51x4 + chunk", t, [4] * 51 + [t - 204]))
+    return cases
+
+
+def run_crossover(
+    args: argparse.Namespace, timer: Timer, copy_bw: float, num_sms: int
+) -> list[dict[str, Any]]:
+    """The ``crossover`` suite: the decode kernels against the tiled ones on eager-step segment layouts
+    (one prefill chunk among decode rows, or long segments), per decoder layer (4 layer kinds, shrink +
+    expand), in CUDA graphs over ``--layers`` pool copies: where the heuristic should switch."""
+    rows: list[dict[str, Any]] = []
+    elem = torch.empty(0, dtype=DTYPE).element_size()
+    decode_cfgs = (
+        tlora.DecodeShrinkConfig(
+            programs=tlora._DECODE_SHRINK_PROGRAMS_PER_SM * num_sms, block_k=256 // elem
+        ),
+        tlora.DecodeExpandConfig(
+            programs=tlora._DECODE_EXPAND_PROGRAMS_PER_SM * num_sms, b_tile=8192 // elem
+        ),
+    )
+    print(f"crossover: us per decoder layer ({args.layers} copies per graph), rank {args.rank}, max_rank 16")
+    print(f"{'layout':14} {'T':>5} | {'tiled':>8} {'decode':>8} {'heuristic':>9} | winner")
+    for label, num_tokens, lengths in _crossover_cases():
+        total = {"tiled": 0.0, "decode": 0.0}
+        for in_features, outs in LAYERS.values():
+            inp = make_inputs(
+                in_features,
+                outs,
+                num_tokens,
+                len(lengths),
+                args.rank,
+                num_layers=args.layers,
+                lengths=lengths,
+            )
+            for name, cfgs in (("tiled", old_configs(inp, num_sms)), ("decode", decode_cfgs)):
+                check(inp, *cfgs)
+                total[name] += time_decode(inp, timer, *cfgs, ["apply"])["apply"]
+            del inp
+            torch.cuda.empty_cache()
+        chosen = "decode" if tlora._use_decode(num_tokens, len(lengths), 16) else "tiled"
+        winner = min(total, key=total.get)
+        rows.append(
+            {"layout": label, "tokens": num_tokens, "lengths": lengths, "heuristic": chosen,
+             **{f"{k}_us": v * 1e6 for k, v in total.items()}}
+        )  # fmt: skip
+        print(
+            f"{label:14} {num_tokens:5} | {total['tiled'] * 1e6:8.1f} {total['decode'] * 1e6:8.1f} {chosen:>9} | "
+            f"{winner} {max(total.values()) / min(total.values()):.2f}x",
+            flush=True,
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--suite", choices=["eager", "decode", "all"], default="all")
+    parser.add_argument("--suite", choices=["eager", "decode", "crossover", "all"], default="all")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lora_ops.json")
     parser.add_argument(
         "--decode-out", type=Path, default=ROOT / "benchmarks" / "results" / "lora_decode.json"
@@ -483,12 +554,16 @@ def main() -> None:
         "copy_bandwidth_gbps": copy_bw / 1e9,
         "reps": args.reps,
     }
-    suites = [("eager", args.out, run_eager), ("decode", args.decode_out, run_decode)]
+    suites = [
+        ("eager", args.out, run_eager),
+        ("decode", args.decode_out, run_decode),
+        ("crossover", args.out.with_name("lora_crossover.json"), run_crossover),
+    ]
     for name, out, run in suites:
-        if args.suite not in (name, "all"):
+        if args.suite != name and (args.suite != "all" or name == "crossover"):
             continue
         rows = run(args, timer, copy_bw, num_sms)
-        extra = {"layers": args.layers} if name == "decode" else {}
+        extra = {"layers": args.layers} if name in ("decode", "crossover") else {}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({**meta, **extra, "cases": rows}, indent=2))
         print(f"wrote {out}")

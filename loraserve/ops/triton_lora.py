@@ -16,15 +16,12 @@ host sync, no extra launch). Since ``sum_i cdiv(len_i, BLOCK_M) <= cdiv(T, BLOCK
 covers every tile for *any* split of ``T`` tokens into ``N`` segments. Base-model tokens belong to no
 segment, get no tile, and cost nothing.
 
-Two kernel families, picked on the host (:func:`_use_decode`): the decode family for every batch
-whose ``max_rank`` is at most 128 (measured faster than the tiled one for prefill and mixed batches
-too), the tiled family above that:
+Two kernel families, picked on the host from the mean tokens per segment ``T / N``:
 
-* Tiled (ranks above 128; :class:`ShrinkConfig` / :class:`ExpandConfig`). Grid axis 0 has one
+* Tiled (prefill, long segments; :class:`ShrinkConfig` / :class:`ExpandConfig`). Grid axis 0 has one
   program per possible tile (``cdiv(T, BLOCK_M) + N``; surplus programs return at once), axis 1 the
   column blocks, shrink's axis 2 its K splits. ``BLOCK_M``-token tiles feed ``tl.dot``.
-* Decode (:class:`DecodeShrinkConfig` / :class:`DecodeExpandConfig`; named for the batches it was
-  written for: 1-16 tokens per segment, but longer segments are simply cut into more tiles). A 1-D
+* Decode (1-16 tokens per segment; :class:`DecodeShrinkConfig` / :class:`DecodeExpandConfig`). A 1-D
   grid of ``P >= cdiv(T, 16) + N`` programs (``P`` ~ a few per SM) is shared at run time by the
   *active* tiles: with ``n`` of them, each gets ``P // n`` programs, which split its work (expand:
   runs of column tiles of all slices; shrink: 16-column tiles of the adapter's ``r * S`` fused
@@ -162,15 +159,9 @@ def _block_m(num_tokens: int, num_segs: int) -> int:
 
 
 def _use_decode(num_tokens: int, num_segs: int, max_rank: int) -> bool:
-    """Decode kernels whenever the ranks fit the decode expand's largest rank chunk, whatever the batch.
-
-    They were first meant for decode-like batches only, but on the H200 they beat the tiled kernels
-    on every eager-step layout measured, 1.08-1.57x per decoder layer from 256 to 8,192 tokens, one
-    adapter or many, a prefill chunk among decode rows or not (``bench_lora_ops.py --suite
-    crossover``, ``benchmarks/results/lora_crossover.json``). The batch shape stays in the
-    signature for the tiled fallback's sake.
-    """
-    return max_rank <= MAX_DECODE_RANK
+    """Decode kernels for decode-like batches (<= 16 tokens per segment on average) whose ranks fit the
+    decode expand's largest rank chunk."""
+    return _block_m(num_tokens, num_segs) == DECODE_BLOCK_M and max_rank <= MAX_DECODE_RANK
 
 
 @functools.lru_cache(maxsize=256)
@@ -185,8 +176,8 @@ def tiled_shrink_config(
 ) -> ShrinkConfig:
     """Heuristic tiles for the tiled shrink, keyed on the layer shape, ``max_rank`` and the batch shape.
 
-    The default only for ranks above the decode kernels' 128; for other batches it is the
-    configuration before the decode kernels took over (benchmarks compare the two).
+    The default for prefill-like batches; for decode-like ones it is the configuration before the
+    decode kernels existed (benchmarks compare the two).
     """
     block_m = _block_m(num_tokens, num_segs)
     # tl.dot needs every tile dim >= 16; 128 fused columns keep the fp32 accumulator in registers.
@@ -226,7 +217,7 @@ def shrink_config(
     elem_size: int,
     num_sms: int,
 ) -> ShrinkConfig | DecodeShrinkConfig:
-    """Default shrink configuration: the decode kernel (see :func:`_use_decode`), tiled above rank 128."""
+    """Default shrink configuration: decode kernel for decode-like batches, else tiled."""
     if _use_decode(num_tokens, num_segs, max_rank):
         # 256 bytes of each row per K step: [16, block_k] tiles of x and A, 4 KB of A per step.
         return DecodeShrinkConfig(programs=_DECODE_SHRINK_PROGRAMS_PER_SM * num_sms, block_k=256 // elem_size)
@@ -237,7 +228,7 @@ def shrink_config(
 def expand_config(
     num_tokens: int, num_segs: int, max_rank: int, elem_size: int, num_sms: int
 ) -> ExpandConfig | DecodeExpandConfig:
-    """Default expand configuration: the decode kernel (see :func:`_use_decode`), tiled above rank 128."""
+    """Default expand configuration: decode kernel for decode-like batches, else tiled."""
     if _use_decode(num_tokens, num_segs, max_rank):
         # 8 KB of B per loop step: 4096 bf16/fp16 or 2048 fp32 elements.
         return DecodeExpandConfig(programs=_DECODE_EXPAND_PROGRAMS_PER_SM * num_sms, b_tile=8192 // elem_size)

@@ -457,6 +457,16 @@ def test_adapters_listing_and_pinning(served: Served) -> None:
     assert any(a["requests_served"] > 0 and a["last_used"] for a in used)
 
 
+def test_reset_prefix_cache(served: Served) -> None:
+    """Served prompts leave their blocks in the prefix cache; the admin route forgets them."""
+    prompt = {"model": "a2", "prompt": "The prefix cache keeps this prompt " * 4, "max_tokens": 2}
+    assert served.post("/v1/completions", prompt).status_code == 200
+    assert served.post("/reset_prefix_cache", {}).status_code == 401  # needs the admin key
+    r = served.post("/reset_prefix_cache", {}, key=ADMIN_KEY)
+    assert r.status_code == 200 and r.json()["blocks_dropped"] > 0
+    assert served.post("/reset_prefix_cache", {}, key=ADMIN_KEY).json()["blocks_dropped"] == 0
+
+
 # errors ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "body, param",

@@ -17,6 +17,7 @@ shape ``{"error": {"message", "type", "param", "code"}}``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -901,6 +902,11 @@ class OpenAIServer:
             self.metrics.update_engine(snap, self.engine.num_step_failures)
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def reset_prefix_cache(self) -> dict[str, int]:
+        """``POST /reset_prefix_cache`` (admin, as vLLM's): forget the cached prompt KV that no
+        running request uses, e.g. between benchmark runs; returns the number of blocks dropped."""
+        return {"blocks_dropped": await self.engine.call(lambda e: e.reset_prefix_cache())}
+
     async def version(self) -> dict[str, str]:
         """``GET /version``."""
         return {"version": __version__}
@@ -918,9 +924,15 @@ def create_app(llm: LLM, config: ServerConfig | None = None, **overrides: Any) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The start-up heap (model, kernels, graphs, tokenizer) lives as long as the server: out of
+        # the collector's view, full collections while serving scan only what serving allocates
+        # (one took 245 ms in an H200 benchmark run, a stall of every running request), as vLLM does.
+        gc.collect()
+        gc.freeze()
         server.engine.start()
         yield
         server.engine.shutdown()
+        gc.unfreeze()
 
     # The interactive docs are plain Starlette routes that the API-key dependency does not cover.
     docs = {} if cfg.api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
@@ -943,6 +955,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None, **overrides: Any) -
     route("/v1/adapters", server.list_adapters, methods=["GET"], dependencies=admin)
     route("/v1/adapters/{name:path}/pin", server.pin, methods=["POST"], dependencies=admin)
     route("/v1/adapters/{name:path}/unpin", server.unpin, methods=["POST"], dependencies=admin)
+    route("/reset_prefix_cache", server.reset_prefix_cache, methods=["POST"], dependencies=admin)
     route("/health", server.health, methods=["GET"])
     route("/metrics", server.render_metrics, methods=["GET"])
     route("/version", server.version, methods=["GET"])

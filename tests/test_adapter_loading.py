@@ -660,6 +660,17 @@ def float32_pack(w: LoRAWeights, cfg: ModelConfig, dtype: torch.dtype) -> list[t
     return out
 
 
+def stored_as(d: Path, file_dtype: object) -> Path:
+    """Rewrite the adapter at ``d`` with its tensors in ``file_dtype``; ``"mixed"``: every other
+    tensor in bfloat16, the rest float32 (the per-tensor path of pack_adapter)."""
+    tensors = load_file(d / ST)
+    for i, key in enumerate(sorted(tensors)):
+        to = (torch.bfloat16 if i % 2 else torch.float32) if file_dtype == "mixed" else file_dtype
+        tensors[key] = tensors[key].to(to)
+    save_file(tensors, d / ST)
+    return d
+
+
 @pytest.mark.parametrize("file_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, "mixed"])
 @pytest.mark.parametrize("adapter", ["patterns", "layers", "plain", "subset"])
 def test_packing_from_file_bytes_equals_float32_packing(
@@ -672,13 +683,7 @@ def test_packing_from_file_bytes_equals_float32_packing(
 ) -> None:
     """Whatever the file's dtype, packing straight from its bytes gives bit for bit what float32
     weights give (scale in float32, one rounding), with zero rows for rank patterns and absent modules."""
-    d = copy_adapter(env[adapter], tmp_path)
-    tensors = load_file(d / ST)
-    for i, key in enumerate(sorted(tensors)):
-        # "mixed": every other tensor in bfloat16 (the per-tensor path of pack_adapter).
-        to = (torch.bfloat16 if i % 2 else torch.float32) if file_dtype == "mixed" else file_dtype
-        tensors[key] = tensors[key].to(to)
-    save_file(tensors, d / ST)
+    d = stored_as(copy_adapter(env[adapter], tmp_path), file_dtype)
     cfg = ModelConfig.from_dir(env["base"])
     stored = read_adapter(d, spec, max_rank=64)
     reference = load_adapter(d, spec, max_rank=64)
@@ -706,12 +711,7 @@ def test_device_packing_equals_host_packing(
     env: dict[str, Path], spec: LoRAModelSpec, tmp_path: Path, adapter: str, file_dtype: object
 ) -> None:
     """Packing on the GPU (the store's read path on CUDA) gives bit for bit the host packing."""
-    d = copy_adapter(env[adapter], tmp_path)
-    tensors = load_file(d / ST)
-    for i, key in enumerate(sorted(tensors)):
-        to = (torch.bfloat16 if i % 2 else torch.float32) if file_dtype == "mixed" else file_dtype
-        tensors[key] = tensors[key].to(to)
-    save_file(tensors, d / ST)
+    d = stored_as(copy_adapter(env[adapter], tmp_path), file_dtype)
     cfg = ModelConfig.from_dir(env["base"])
     stored = read_adapter(d, spec, max_rank=64, pin=True)
     stream = torch.cuda.Stream()

@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
+from loraserve.ops import triton_lora  # noqa: E402
 from loraserve.ops.lora import LoRASegments, lora_apply, lora_expand, lora_shrink  # noqa: E402
 from loraserve.ops.triton_lora import (  # noqa: E402
     MAX_DECODE_RANK,
@@ -369,6 +370,18 @@ def test_config_selection() -> None:
     assert isinstance(expand_config(64, 64, 2 * MAX_DECODE_RANK, 2, 132), ExpandConfig)
     with pytest.raises(ValueError, match="b_tile"):
         DecodeExpandConfig(programs=8, b_tile=1000)
+    # LORASERVE_LORA_KERNELS forces a family where the ranks allow the decode kernels.
+    for family, prefill, decode in (
+        ("decode", DecodeShrinkConfig, DecodeShrinkConfig),
+        ("tiled", ShrinkConfig, ShrinkConfig),
+    ):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(triton_lora, "KERNEL_FAMILY", family)
+            shrink_config.cache_clear()
+            assert isinstance(shrink_config(2048, 4, 4096, 3, 64, 2, 132), prefill)
+            assert isinstance(shrink_config(64, 64, 4096, 3, 64, 2, 132), decode)
+            assert isinstance(shrink_config(64, 64, 4096, 3, 2 * MAX_DECODE_RANK, 2, 132), ShrinkConfig)
+    shrink_config.cache_clear()
     case = make_case("decode", 12, 32, [16], torch.float32, seed=3, fixed_max_rank=2 * MAX_DECODE_RANK)
     t = lora_shrink(case.x, case.a, case.meta)
     with pytest.raises(ValueError, match="max_rank"):

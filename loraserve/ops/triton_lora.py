@@ -158,10 +158,20 @@ def _block_m(num_tokens: int, num_segs: int) -> int:
     return 32 if mean <= 48 else 64
 
 
+# Which family serves batches whose ranks fit the decode kernels: "auto" (the heuristic below),
+# "decode" or "tiled". A knob for measuring the families against each other in the engine
+# (benchmarks/RESULTS.md, run 7), read once at import.
+KERNEL_FAMILY = os.environ.get("LORASERVE_LORA_KERNELS", "auto")
+if KERNEL_FAMILY not in ("auto", "decode", "tiled"):
+    raise ValueError(f"LORASERVE_LORA_KERNELS must be auto, decode or tiled, got {KERNEL_FAMILY!r}")
+
+
 def _use_decode(num_tokens: int, num_segs: int, max_rank: int) -> bool:
     """Decode kernels for decode-like batches (<= 16 tokens per segment on average) whose ranks fit the
-    decode expand's largest rank chunk."""
-    return _block_m(num_tokens, num_segs) == DECODE_BLOCK_M and max_rank <= MAX_DECODE_RANK
+    decode expand's largest rank chunk (unless :data:`KERNEL_FAMILY` forces a family)."""
+    if max_rank > MAX_DECODE_RANK or KERNEL_FAMILY == "tiled":
+        return False
+    return KERNEL_FAMILY == "decode" or _block_m(num_tokens, num_segs) == DECODE_BLOCK_M
 
 
 @functools.lru_cache(maxsize=256)

@@ -251,7 +251,8 @@ def pack_adapter_on_device(
     on the I/O threads that hashing needs meanwhile; a loop of per-module torch ops instead holds
     the GIL so long that the hashing threads (which take it back after every tensor) stall. Here
     each module type is one gather over all layers (an index of ``L x`` its elements, transient).
-    Transient device memory: about three times the adapter, on ``stream``, whose
+    Transient device memory: three to four times the adapter (the upload, the layout before
+    and after conversion, one gather's int64 index), on ``stream``, whose
     caching-allocator blocks the next read reuses; only ``stream`` is waited for, never the
     engine's. Same values as :func:`pack_adapter` (same float32-opmath rounding into ``dtype``).
 

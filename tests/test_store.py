@@ -11,6 +11,7 @@ import torch
 
 from loraserve.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
 from loraserve.lora import adapter as adapter_module
+from loraserve.lora import store as store_module
 from loraserve.lora.adapter import AdapterError
 from loraserve.lora.pool import DeviceLoRAPool, apply_memory_budget, kv_block_bytes, row_bytes
 from loraserve.lora.prefetch import HostLoader
@@ -53,6 +54,27 @@ def test_register_eager_and_lazy_agree_on_identity(model, adapters):
     store.set_demand([lazy])
     store.prefetch()
     assert lazy.content_hash == eager.content_hash and lazy.tier(store) == store.device_tier
+
+
+def test_device_packing_out_of_memory_falls_back_to_the_host(model, adapters, monkeypatch, caplog):
+    """A CUDA store packs on the GPU; when that runs out of device memory the read still succeeds,
+    packed on the host, with the same identity and bytes."""
+    reference = make_store(model)
+    want = reference.register("a", adapters["a0"])
+
+    def out_of_memory(*args: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(store_module, "pack_adapter_on_device", out_of_memory)
+    store = make_store(model)
+    store._pack_stream = object()  # as on CUDA: reads try the device path first
+    got = store.register("a", adapters["a0"])
+    assert got.content_hash == want.content_hash and got.tier(store) == "cpu"
+    assert all(
+        torch.equal(p, q)
+        for p, q in zip(store.host[got].tensors(), reference.host[want].tensors(), strict=True)
+    )
+    assert "packing on the host" in caplog.text
 
 
 def test_lazy_registration_refuses_what_the_header_shows(model, adapters):

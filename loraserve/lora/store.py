@@ -630,10 +630,18 @@ class AdapterStore:
         """
         t0 = time.perf_counter()
         stored = read_adapter(path, self.spec, self.cfg.max_lora_rank, name=name, pin=self.cuda)
+        packed = None
         if self._pack_stream is not None:
-            packed = pack_adapter_on_device(stored, self.model_cfg, self.dtype, self._pack_stream)
-        else:
-            packed = pack_adapter(stored, self.model_cfg, self.dtype)
+            try:
+                packed = pack_adapter_on_device(stored, self.model_cfg, self.dtype, self._pack_stream)
+            except torch.OutOfMemoryError:
+                # No room for its transient buffers (they lie outside the budget): the host path
+                # needs none, and the adapter still loads.
+                logger.warning(
+                    "adapter %r: no device memory to pack it on the GPU; packing on the host", name
+                )
+        if packed is None:
+            packed = pack_adapter(stored, self.model_cfg, self.dtype, pin=self.cuda)
         return ReadResult(
             stored.content_hash,
             stored.rank,

@@ -258,6 +258,16 @@ def old_configs(inp: Inputs, num_sms: int) -> tuple[Any, Any]:
     )
 
 
+def sweep_result(best_s: tuple[float, Any], best_e: tuple[float, Any]) -> dict[str, Any]:
+    """A sweep's best shrink and expand, as ``(seconds, config)`` pairs, for the JSON."""
+    return {
+        "shrink_us": best_s[0] * 1e6,
+        "shrink_config": dataclasses.asdict(best_s[1]),
+        "expand_us": best_e[0] * 1e6,
+        "expand_config": dataclasses.asdict(best_e[1]),
+    }
+
+
 def sweep_eager(inp: Inputs, timer: Timer, num_sms: int) -> dict[str, Any]:
     """Best shrink and expand configs of a small grid around the defaults, each op timed alone."""
     base_s, base_e = default_configs(inp, num_sms)
@@ -269,12 +279,7 @@ def sweep_eager(inp: Inputs, timer: Timer, num_sms: int) -> dict[str, Any]:
     best_e = best_config(
         config_grid(base_e, num_sms), lambda c: timer(lambda: tlora.lora_expand_triton(y, t, b, meta, c))
     )
-    return {
-        "shrink_us": best_s[0] * 1e6,
-        "shrink_config": dataclasses.asdict(best_s[1]),
-        "expand_us": best_e[0] * 1e6,
-        "expand_config": dataclasses.asdict(best_e[1]),
-    }
+    return sweep_result(best_s, best_e)
 
 
 def run_eager(args: argparse.Namespace, timer: Timer, copy_bw: float, num_sms: int) -> list[dict[str, Any]]:
@@ -369,12 +374,7 @@ def sweep_decode(inp: Inputs, timer: Timer, num_sms: int) -> dict[str, Any]:
     best_e = best_config(
         config_grid(base_e, num_sms), lambda c: time_decode(inp, timer, base_s, c, ["expand"])["expand"]
     )
-    return {
-        "shrink_us": best_s[0] * 1e6,
-        "shrink_config": dataclasses.asdict(best_s[1]),
-        "expand_us": best_e[0] * 1e6,
-        "expand_config": dataclasses.asdict(best_e[1]),
-    }
+    return sweep_result(best_s, best_e)
 
 
 def run_decode(args: argparse.Namespace, timer: Timer, copy_bw: float, num_sms: int) -> list[dict[str, Any]]:

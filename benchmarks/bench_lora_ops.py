@@ -76,6 +76,8 @@ SCENARIOS: dict[str, tuple[int, int]] = {
     "T256_a16": (256, 16),
     "T256_a1": (256, 1),
     "T4096_a8": (4096, 8),
+    "T1024_a1": (1024, 1),
+    "T8192_a1": (8192, 1),
 }
 # Decode suite: tokens, distinct adapters (at most the tokens), and the max_rank graphs are captured with.
 DECODE_TOKENS = (64, 256)
@@ -292,6 +294,8 @@ def run_eager(args: argparse.Namespace, timer: Timer, copy_bw: float, num_sms: i
     print(header)
     print("-" * len(header))
     for scenario, (num_tokens, num_adapters) in SCENARIOS.items():
+        if args.scenarios and scenario not in args.scenarios:
+            continue
         for layer, (in_features, outs) in LAYERS.items():
             inp = make_inputs(in_features, outs, num_tokens, num_adapters, args.rank)
             check(inp)
@@ -536,6 +540,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--layers", type=int, default=32, help="decode suite: pool copies per graph")
     parser.add_argument("--sweep", action="store_true", help="also search a small grid of configs")
+    parser.add_argument("--scenarios", nargs="*", choices=sorted(SCENARIOS), help="eager suite: only these")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_lora_ops needs a CUDA device")

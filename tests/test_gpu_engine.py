@@ -51,8 +51,13 @@ def _reference(base, adapter, prompt, max_new, dtype):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.bfloat16, 0.15)])
-@pytest.mark.parametrize("eager", [True, False])
-def test_gpu_mixed_batch_matches_peft(gpu_model, dtype, tol, eager):
+@pytest.mark.parametrize(
+    "eager,lengths",
+    [(True, (3, 60)), (False, (3, 60)), (True, (200, 400))],
+    ids=["eager", "graphs", "eager-long"],
+)
+def test_gpu_mixed_batch_matches_peft(gpu_model, dtype, tol, eager, lengths):
+    """``lengths``: prompt lengths; the long ones make prefill segments that run as dense GEMMs."""
     base, adapters = gpu_model
     llm = LLM(
         str(base),
@@ -68,7 +73,7 @@ def test_gpu_mixed_batch_matches_peft(gpu_model, dtype, tol, eager):
     g = torch.Generator().manual_seed(0)
     prompts = [
         torch.randint(5, 250, (int(n),), generator=g).tolist()
-        for n in torch.randint(3, 60, (10,), generator=g)
+        for n in torch.randint(*lengths, (10,), generator=g)
     ]
     loras = [None, "r8", "r32", "qv", "r8", None, "qv", "r32", None, "r8"]
     max_new = 8

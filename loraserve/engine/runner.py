@@ -22,7 +22,7 @@ from loraserve.lora.pool import DeviceLoRAPool
 from loraserve.lora.store import AdapterEntry, AdapterStore
 from loraserve.model.llama import ForwardContext, LlamaModel
 from loraserve.model.loader import iter_checkpoint
-from loraserve.ops import allocate_kv_cache, select_attention_ops, select_lora_apply
+from loraserve.ops import allocate_kv_cache, lora_gemm_min_tokens, select_attention_ops, select_lora_apply
 from loraserve.ops.attention import AttentionMeta
 from loraserve.ops.lora import LoRASegments, max_rank_bucket
 
@@ -37,11 +37,13 @@ class ModelRunner:
         self.device = torch.device(cfg.device)
         mcfg = cfg.model
         self.pool: DeviceLoRAPool | None = None
+        self.gemm_min_tokens: int | None = None
         lora_layers = None
         if cfg.lora.enabled:
             rows = cfg.lora.max_loras * cfg.lora.max_lora_rank
             apply, dense = select_lora_apply(self.device, rows)
             self.pool = DeviceLoRAPool(mcfg, rows, cfg.dtype, self.device, apply, dense=dense)
+            self.gemm_min_tokens = lora_gemm_min_tokens(self.device)
             lora_layers = [self.pool.layer_weights(i) for i in range(mcfg.num_layers)]
         self.model = LlamaModel(mcfg, lora_layers, cfg.dtype, self.device, cfg.max_model_len + 1)
         if cfg.load_format == "dummy":
@@ -197,6 +199,12 @@ class ModelRunner:
         # The LoRA segments' columns (start, length, pool row, rank) travel with the int32 inputs.
         seg = np.array(segments, dtype=np.int32).reshape(-1, 4).T.copy()
         seg[1] -= seg[0]
+        gemm_segments = []
+        if self.gemm_min_tokens is not None:
+            is_gemm = seg[1] >= self.gemm_min_tokens
+            if is_gemm.any():
+                gemm_segments = [s for s, g in zip(segments, is_gemm.tolist(), strict=True) if g]
+                seg[1][is_gemm] = 0  # the segmented kernels skip them
         ids_t, positions_t, slots_t, logits_idx_t = upload(torch.long, ids_arr, positions, slots, logits_idx)
         qstart_t, seq_lens_t, tables_t, *seg_t = upload(
             torch.int32, qstart, seq_lens.astype(np.int32), table_arr, *seg
@@ -218,6 +226,7 @@ class ModelRunner:
                 num_tokens=num_tokens,
                 segments=segments,
                 max_rank=max_rank_bucket(max((s[3] for s in segments), default=0)),
+                gemm_segments=gemm_segments,
             )
             if segments:
                 lora.seg_start, lora.seg_len, lora.seg_row, lora.seg_rank = seg_t

@@ -42,6 +42,16 @@ def select_lora_apply(device: torch.device, pool_rows: int) -> tuple[LoRAApplyFn
     return lora_apply, pool_rows <= DENSE_MAX_ROWS
 
 
+def lora_gemm_min_tokens(device: torch.device) -> int | None:
+    """Segments at least this long run as dense GEMMs in eager steps on ``device`` (see
+    ``LoRASegments.gemm_segments``); None: every segment goes through the op's own path."""
+    if _triton_enabled(device):
+        from loraserve.ops.triton_lora import GEMM_MIN_TOKENS
+
+        return GEMM_MIN_TOKENS
+    return None
+
+
 def select_attention_ops(device: torch.device):
     """``(paged_attention, store_kv)`` for ``device``."""
     if _triton_enabled(device):

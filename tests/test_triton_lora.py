@@ -462,6 +462,27 @@ def test_gemm_segments_match_reference(dtype: torch.dtype, pattern: str, picks: 
     _check_y(y, y_ref, case, case.y, dtype)
 
 
+def test_forward_scratch() -> None:
+    """Layers take their t from one per-forward workspace, in call order, zeroed once per forward;
+    past its end they allocate their own."""
+    dtype = torch.float32
+    layers = [make_case("base_mixed", 29, 64, outs, dtype, seed=3) for outs in ([32, 16, 16], [24])]
+    meta = layers[0].meta
+    planes = 3 * 29 * meta.max_rank
+    meta.scratch = torch.full((planes + 29 * meta.max_rank,), float("nan"), device=DEVICE)
+    for _ in range(2):  # a second forward reuses the same parts
+        meta.begin_forward()
+        for case in layers:
+            y_ref, y = case.y.clone(), case.y.clone()
+            lora_apply(y_ref, case.x, case.a, case.b, meta)
+            lora_apply_triton(y, case.x, case.a, case.b, meta)
+            _check_y(y, y_ref, case, case.y, dtype)
+        assert meta._scratch_at == meta.scratch.numel()
+        assert meta.scratch.any() and not meta.scratch.isnan().any()
+    t = meta.zeroed_t(1, 29, torch.device(DEVICE))  # used up: a fresh tensor
+    assert t.data_ptr() != meta.scratch.data_ptr() and not t.any()
+
+
 def test_rejects_bad_layouts() -> None:
     case = make_case("identical", 4, 32, [16, 16], torch.float32, seed=2)
     with pytest.raises(ValueError, match="contiguous"):

@@ -51,6 +51,7 @@ class DecodeGraphs:
         block_size: int,
         max_rank: int | None,
         device: torch.device,
+        scratch_slices: int = 0,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -70,6 +71,11 @@ class DecodeGraphs:
         self.query_start = torch.arange(n + 1, **i32)
         self.logits_idx = torch.arange(n, **i64)
         self.segs = torch.zeros(4, n, **i32)  # start, len, row, rank
+        # One LoRA t workspace for every graph (replays never overlap): each uses its prefix.
+        self.scratch_slices = scratch_slices
+        self.lora_scratch = torch.empty(
+            scratch_slices * n * (max_rank or 0), dtype=torch.float32, device=device
+        )
         self.graphs: dict[tuple[int, bool], _Graph] = {}
         self.pool = None
 
@@ -173,6 +179,8 @@ class DecodeGraphs:
             lora.seg_start, lora.seg_len, lora.seg_row, lora.seg_rank = (
                 self.segs[i, :size] for i in range(4)
             )
+            if self.scratch_slices:
+                lora.scratch = self.lora_scratch[: self.scratch_slices * size * lora.max_rank]
         return ForwardContext(
             attn=meta, lora=lora, kv_caches=self.kv_caches, attention=attention, store_kv=self.store_kv
         )

@@ -29,6 +29,11 @@ from loraserve.ops.lora import LoRASegments, max_rank_bucket
 logger = logging.getLogger(__name__)
 
 
+# Largest per-step LoRA workspace (LoRASegments.scratch) of an eager step; larger steps (long prefill)
+# zero each layer's t on its own, a cost their GPU time dwarfs.
+SCRATCH_MAX_BYTES = 64 << 20
+
+
 class ModelRunner:
     """Loads the model once and runs steps. ``pool`` is None when LoRA is disabled."""
 
@@ -37,13 +42,17 @@ class ModelRunner:
         self.device = torch.device(cfg.device)
         mcfg = cfg.model
         self.pool: DeviceLoRAPool | None = None
+        # GPU path only: long segments' GEMM threshold and the per-forward t workspace's planes.
         self.gemm_min_tokens: int | None = None
+        self.scratch_slices = 0
         lora_layers = None
         if cfg.lora.enabled:
             rows = cfg.lora.max_loras * cfg.lora.max_lora_rank
             apply, dense = select_lora_apply(self.device, rows)
             self.pool = DeviceLoRAPool(mcfg, rows, cfg.dtype, self.device, apply, dense=dense)
             self.gemm_min_tokens = lora_gemm_min_tokens(self.device)
+            if self.gemm_min_tokens is not None:
+                self.scratch_slices = self.pool.slices_per_forward
             lora_layers = [self.pool.layer_weights(i) for i in range(mcfg.num_layers)]
         self.model = LlamaModel(mcfg, lora_layers, cfg.dtype, self.device, cfg.max_model_len + 1)
         if cfg.load_format == "dummy":
@@ -74,6 +83,7 @@ class ModelRunner:
                 block_size=self.block_size,
                 max_rank=cfg.lora.max_lora_rank if self.pool is not None else None,
                 device=self.device,
+                scratch_slices=self.scratch_slices,
             )
             self.graphs.capture(cfg.max_model_len)
         logger.info(
@@ -230,6 +240,9 @@ class ModelRunner:
             )
             if segments:
                 lora.seg_start, lora.seg_len, lora.seg_row, lora.seg_rank = seg_t
+                scratch = self.scratch_slices * num_tokens * lora.max_rank
+                if len(gemm_segments) < len(segments) and 4 * scratch <= SCRATCH_MAX_BYTES:
+                    lora.scratch = torch.empty(scratch, dtype=torch.float32, device=dev)
         ctx = ForwardContext(
             attn=attn, lora=lora, kv_caches=self.kv_caches, attention=self.attention, store_kv=self.store_kv
         )

@@ -452,6 +452,12 @@ class DeviceLoRAPool:
         b_tensors = list(self._b_block.values()) or [t for bs in self.b.values() for t in bs]
         return sum(t.numel() * t.element_size() for t in [*self.a.values(), *b_tensors])
 
+    @property
+    def slices_per_forward(self) -> int:
+        """Output slices of all LoRA layers of the model: one forward's ``t`` tensors hold this many
+        ``[T, max_rank]`` planes (see ``LoRASegments.zeroed_t``)."""
+        return sum(a.shape[0] * a.shape[2] for a in self.a.values())
+
     def layer_weights(self, layer: int) -> dict[str, LoRALayerWeights]:
         """Views of one layer's rows, handed to that layer's LoRA linears at construction."""
         out = {}

@@ -204,6 +204,8 @@ class LlamaModel(nn.Module):
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
         """``input_ids``, ``positions``: ``[T]``; returns float32 logits ``[len(logits_indices), vocab]``."""
+        if ctx.lora is not None:
+            ctx.lora.begin_forward()
         x = self.embed_tokens(input_ids)
         rope = self.rotary.tables(positions)
         if self.fused is None:

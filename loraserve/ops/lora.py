@@ -48,6 +48,10 @@ class LoRASegments:
     # Segments that the GPU path runs as dense GEMMs (see ops.triton_lora.split_gemm_segments): their
     # seg_len on the device is 0, so the segmented kernels skip them. Always in ``segments`` too.
     gemm_segments: list[tuple[int, int, int, int]] = field(default_factory=list)
+    # Float32 workspace for every LoRA layer's t in one forward (see zeroed_t); None: each shrink
+    # allocates its own.
+    scratch: torch.Tensor | None = None
+    _scratch_at: int = field(default=0, repr=False)
     _dense_mask: dict[tuple[int, int, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @cached_property
@@ -66,6 +70,25 @@ class LoRASegments:
         gemm_tokens = sum(end - start for start, end, _, _ in self.gemm_segments)
         num_segs = self.seg_len.numel() if self.seg_len is not None else len(self.segments)
         return self.num_tokens - gemm_tokens, num_segs - len(self.gemm_segments)
+
+    def begin_forward(self) -> None:
+        """Zero :attr:`scratch` and hand it out from its start again; the model calls this first in
+        every forward, so a CUDA graph records one fill for all layers instead of one per layer."""
+        if self.scratch is not None:
+            self.scratch.zero_()
+            self._scratch_at = 0
+
+    def zeroed_t(self, num_slices: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """A zeroed float32 ``[num_slices, num_tokens, max_rank]`` for one layer's ``t``: the next unused
+        part of :attr:`scratch` (layers take parts in call order, the same in every forward), or a
+        new tensor when there is no scratch or it is used up."""
+        shape = (num_slices, num_tokens, self.max_rank)
+        n = num_slices * num_tokens * self.max_rank
+        if self.scratch is not None and self._scratch_at + n <= self.scratch.numel():
+            t = self.scratch[self._scratch_at : self._scratch_at + n].view(shape)
+            self._scratch_at += n
+            return t
+        return torch.zeros(shape, dtype=torch.float32, device=device)
 
     @property
     def empty(self) -> bool:

@@ -84,11 +84,13 @@ _DECODE_EXPAND_PROGRAMS_PER_SM = 3
 _PER_STEP_INTS = ["num_segs"]
 _MIN_BLOCK_SEG = 256
 # Eager steps run segments of at least this many tokens as dense GEMMs (:func:`lora_segment_gemm`)
-# instead of through the segmented kernels. One adapter over 1,024 tokens adds 109 us per decoder
-# layer of Llama-2-7B shape that way against 136 us in the kernels, over 4,096 tokens 386 against
-# 529 us, and both cost the same at 256 (H200, benchmarks/bench_lora_overlap.py, RESULTS.md).
-# CUDA graphs keep every segment in the kernels (their segment tensors are fixed).
-GEMM_MIN_TOKENS = 256
+# instead of through the segmented kernels (0: never). Per decoder layer of Llama-2-7B shape in CUDA
+# graphs, one adapter over 4,096 tokens adds 386 us that way against 529 us in the kernels, over 1,024
+# tokens 109 against 136 us (H200, benchmarks/bench_lora_overlap.py). But eager steps pay each torch
+# op's host cost, and at 256 the engine's mixed steps got slower (benchmarks/RESULTS.md): only long
+# prefill chunks, whose GPU time hides the host's, take this path. CUDA graphs keep every segment in
+# the kernels (their segment tensors are fixed). The environment variable is for A/B measurements.
+GEMM_MIN_TOKENS = int(os.environ.get("LORASERVE_LORA_GEMM_MIN_TOKENS", "2048"))
 
 
 @dataclass(frozen=True)
@@ -808,7 +810,7 @@ def lora_shrink_triton(
     if a.stride(2) != 1 or (num_slices > 1 and a.stride(0) != num_slices * a.stride(1)):
         raise ValueError("a must be contiguous in its last two dims (an adapter's rows form one block)")
     # Zeroed: both kernels may split K and atomic_add (the decode one decides at run time).
-    t = torch.zeros(num_slices, num_tokens, meta.max_rank, dtype=torch.float32, device=x.device)
+    t = meta.zeroed_t(num_slices, num_tokens, x.device)
     segs = _segment_tensors(meta)
     if segs is None or num_tokens == 0 or meta.max_rank == 0:
         return t

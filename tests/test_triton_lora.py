@@ -483,6 +483,23 @@ def test_forward_scratch() -> None:
     assert t.data_ptr() != meta.scratch.data_ptr() and not t.any()
 
 
+def test_warm_up_runs_every_shape_and_leaves_pools() -> None:
+    """The start-up warm-up: 3 batch shapes x the rank buckets up to the engine's max rank, per layer kind."""
+    gen = torch.Generator().manual_seed(0)
+    layers = {
+        "qkv": (
+            torch.randn(48, 3, 32, generator=gen),
+            [torch.randn(48, 16, generator=gen) for _ in range(3)],
+        ),
+        "o": (torch.randn(48, 1, 16, generator=gen), [torch.randn(48, 32, generator=gen)]),
+    }
+    layers = {k: (a.to(DEVICE), [b_s.to(DEVICE) for b_s in b]) for k, (a, b) in layers.items()}
+    before = {k: (a.clone(), [b_s.clone() for b_s in b]) for k, (a, b) in layers.items()}
+    assert triton_lora.warm_up(layers, max_lora_rank=24, dtype=torch.float32) == 3 * 2 * 2
+    for k, (a, b) in layers.items():
+        assert torch.equal(a, before[k][0]) and all(map(torch.equal, b, before[k][1]))
+
+
 def test_rejects_bad_layouts() -> None:
     case = make_case("identical", 4, 32, [16, 16], torch.float32, seed=2)
     with pytest.raises(ValueError, match="contiguous"):

@@ -22,7 +22,13 @@ from loraserve.lora.pool import DeviceLoRAPool
 from loraserve.lora.store import AdapterEntry, AdapterStore
 from loraserve.model.llama import ForwardContext, LlamaModel
 from loraserve.model.loader import iter_checkpoint
-from loraserve.ops import allocate_kv_cache, lora_gemm_min_tokens, select_attention_ops, select_lora_apply
+from loraserve.ops import (
+    allocate_kv_cache,
+    lora_gemm_min_tokens,
+    select_attention_ops,
+    select_lora_apply,
+    warm_up_lora_kernels,
+)
 from loraserve.ops.attention import AttentionMeta
 from loraserve.ops.lora import LoRASegments, max_rank_bucket
 
@@ -54,6 +60,7 @@ class ModelRunner:
             if self.gemm_min_tokens is not None:
                 self.scratch_slices = self.pool.slices_per_forward
             lora_layers = [self.pool.layer_weights(i) for i in range(mcfg.num_layers)]
+            warm_up_lora_kernels(self.device, lora_layers[0], cfg.lora.max_lora_rank, cfg.dtype)
         self.model = LlamaModel(mcfg, lora_layers, cfg.dtype, self.device, cfg.max_model_len + 1)
         if cfg.load_format == "dummy":
             init_dummy_weights(self.model, cfg.seed)

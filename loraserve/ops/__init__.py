@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from loraserve.ops.attention import paged_attention, store_kv
 from loraserve.ops.lora import DENSE_MAX_ROWS, LoRAApplyFn, lora_apply
+
+if TYPE_CHECKING:
+    from loraserve.model.layers import LoRALayerWeights
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +55,20 @@ def lora_gemm_min_tokens(device: torch.device) -> int | None:
 
         return GEMM_MIN_TOKENS
     return None
+
+
+def warm_up_lora_kernels(
+    device: torch.device, layers: dict[str, LoRALayerWeights], max_lora_rank: int, dtype: torch.dtype
+) -> None:
+    """On the Triton path, compile every LoRA kernel variant eager steps can pick before serving
+    (``triton_lora.warm_up``); nothing elsewhere. ``layers``: one decoder layer's LoRA weights."""
+    if not _triton_enabled(device):
+        return
+    from loraserve.ops.triton_lora import warm_up
+
+    start = time.perf_counter()
+    calls = warm_up({kind: (w.a, w.b) for kind, w in layers.items()}, max_lora_rank, dtype)
+    logger.info("LoRA kernels warmed up: %d calls in %.1f s", calls, time.perf_counter() - start)
 
 
 def select_attention_ops(device: torch.device):

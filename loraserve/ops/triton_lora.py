@@ -923,6 +923,37 @@ def lora_expand_triton(
         )  # fmt: skip
 
 
+def warm_up(
+    layers: dict[str, tuple[torch.Tensor, Sequence[torch.Tensor]]], max_lora_rank: int, dtype: torch.dtype
+) -> int:
+    """Compile, before serving, every kernel variant an eager step can pick, so that no step stalls on a
+    compile (~1 s each; a variant first needed mid-run cost a benchmark step 2 s).
+
+    Variants follow the layer kind, the kernel family / ``BLOCK_M`` (from mean tokens per segment:
+    <= 16, <= 48, more) and ``max_rank`` (bucketed, up to ``max_lora_rank``'s bucket); the split
+    counts and segment count are not specialized on. ``layers``: each LoRA layer kind's ``(a, b)``
+    pools (one layer's; read only: ``x`` is 0, so ``y`` stays 0). Returns the calls made.
+    """
+    calls = 0
+    a0 = next(iter(layers.values()))[0]
+    max_bucket = max(16, triton.next_power_of_2(max_lora_rank))
+    ranks = [r for r in (16, 32, 64, 128, 256, 512) if r <= max_bucket]
+    # (tokens, segments): decode-like (mean 1), BLOCK_M 32 (mean 32), BLOCK_M 64 (mean 128).
+    for num_tokens, num_segs in ((16, 16), (64, 2), (128, 1)):
+        per = num_tokens // num_segs
+        for rank in ranks:
+            rank_in_pool = min(rank, a0.shape[0])
+            segments = [(i * per, (i + 1) * per, 0, rank_in_pool) for i in range(num_segs)]
+            meta = LoRASegments.build(segments, num_tokens, device=a0.device)
+            meta.max_rank = rank
+            for a, b in layers.values():
+                x = torch.zeros(num_tokens, a.shape[2], dtype=dtype, device=a.device)
+                y = torch.zeros(num_tokens, sum(b_s.shape[1] for b_s in b), dtype=dtype, device=a.device)
+                lora_apply_triton(y, x, a, b, meta)
+                calls += 1
+    return calls
+
+
 def lora_segment_gemm(
     y: torch.Tensor,
     x: torch.Tensor,

@@ -57,7 +57,7 @@ def _reference(base, adapter, prompt, max_new, dtype):
     ids=["eager", "graphs", "eager-long"],
 )
 def test_gpu_mixed_batch_matches_peft(gpu_model, dtype, tol, eager, lengths):
-    """``lengths``: prompt lengths; the long ones make prefill segments that run as dense GEMMs."""
+    """``lengths``: prompt lengths; the long ones make prefill steps of long segments (tiled kernels)."""
     base, adapters = gpu_model
     llm = LLM(
         str(base),

@@ -426,42 +426,6 @@ def test_base_only_and_all_padding() -> None:
     assert torch.equal(y, case.y)
 
 
-def _gemm_split(case: Case, picks: Sequence[int]) -> LoRASegments:
-    """``case.meta`` with segments ``picks`` handed to the dense GEMM path, as the runner does it."""
-    meta = case.meta
-    assert meta.seg_len is not None
-    lengths = meta.seg_len.clone()
-    lengths[list(picks)] = 0
-    return LoRASegments(
-        num_tokens=meta.num_tokens,
-        segments=meta.segments,
-        max_rank=meta.max_rank,
-        seg_start=meta.seg_start,
-        seg_len=lengths,
-        seg_row=meta.seg_row,
-        seg_rank=meta.seg_rank,
-        gemm_segments=[meta.segments[i] for i in picks],
-    )
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize(
-    ("pattern", "picks"), [("base_mixed", "even"), ("uniform", "all"), ("zipf", "first")]
-)
-def test_gemm_segments_match_reference(dtype: torch.dtype, pattern: str, picks: str) -> None:
-    """Segments run as dense GEMMs (eager steps' long segments), alone or beside kernel segments."""
-    case = make_case(pattern, 41, 64, [48, 16, 32], dtype, seed=11)
-    num_segs = len(case.meta.segments)
-    chosen = {"even": range(0, num_segs, 2), "all": range(num_segs), "first": [0]}[picks]
-    meta = _gemm_split(case, list(chosen))
-    assert meta.kernel_shape[1] == num_segs - len(meta.gemm_segments)
-    y_ref = case.y.clone()
-    lora_apply(y_ref, case.x, case.a, case.b, case.meta)
-    y = case.y.clone()
-    lora_apply_triton(y, case.x, case.a, case.b, meta)
-    _check_y(y, y_ref, case, case.y, dtype)
-
-
 def test_forward_scratch() -> None:
     """Layers take their t from one per-forward workspace, in call order, zeroed once per forward;
     past its end they allocate their own."""
@@ -535,24 +499,6 @@ def test_gpu_llama_sizes(layer: str, num_tokens: int) -> None:
     dtype = torch.bfloat16
     case = make_case("spread256", num_tokens, in_features, outs, dtype, seed=num_tokens)
     _run_all(case, dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("layer", ["qkv_llama3_8b", "gate_up_llama2_7b", "down_llama2_7b"])
-def test_gpu_gemm_segments_llama_sizes(layer: str) -> None:
-    """A prefill chunk through cuBLAS beside decode rows through the kernels, at Llama sizes."""
-    in_features, outs = LAYERS[layer]
-    dtype = torch.bfloat16
-    case = make_case("zipf", 1500, in_features, outs, dtype, seed=5)
-    lengths = [end - start for start, end, _, _ in case.meta.segments]
-    meta = _gemm_split(case, [i for i, n in enumerate(lengths) if n >= 256])
-    assert meta.gemm_segments and meta.kernel_shape[1] > 0
-    y_ref = case.y.clone()
-    lora_apply(y_ref, case.x, case.a, case.b, case.meta)
-    y = case.y.clone()
-    lora_apply_triton(y, case.x, case.a, case.b, meta)
-    _check_y(y, y_ref, case, case.y, dtype)
 
 
 @pytest.mark.gpu

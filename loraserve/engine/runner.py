@@ -24,9 +24,9 @@ from loraserve.model.llama import ForwardContext, LlamaModel
 from loraserve.model.loader import iter_checkpoint
 from loraserve.ops import (
     allocate_kv_cache,
-    lora_gemm_min_tokens,
     select_attention_ops,
     select_lora_apply,
+    uses_triton,
     warm_up_lora_kernels,
 )
 from loraserve.ops.attention import AttentionMeta
@@ -48,16 +48,14 @@ class ModelRunner:
         self.device = torch.device(cfg.device)
         mcfg = cfg.model
         self.pool: DeviceLoRAPool | None = None
-        # GPU path only: long segments' GEMM threshold and the per-forward t workspace's planes.
-        self.gemm_min_tokens: int | None = None
+        # The Triton path's per-forward LoRA t workspace: its [T, max_rank] planes (0: none).
         self.scratch_slices = 0
         lora_layers = None
         if cfg.lora.enabled:
             rows = cfg.lora.max_loras * cfg.lora.max_lora_rank
             apply, dense = select_lora_apply(self.device, rows)
             self.pool = DeviceLoRAPool(mcfg, rows, cfg.dtype, self.device, apply, dense=dense)
-            self.gemm_min_tokens = lora_gemm_min_tokens(self.device)
-            if self.gemm_min_tokens is not None:
+            if uses_triton(self.device):
                 self.scratch_slices = self.pool.slices_per_forward
             lora_layers = [self.pool.layer_weights(i) for i in range(mcfg.num_layers)]
             warm_up_lora_kernels(self.device, lora_layers[0], cfg.lora.max_lora_rank, cfg.dtype)
@@ -216,12 +214,6 @@ class ModelRunner:
         # The LoRA segments' columns (start, length, pool row, rank) travel with the int32 inputs.
         seg = np.array(segments, dtype=np.int32).reshape(-1, 4).T.copy()
         seg[1] -= seg[0]
-        gemm_segments = []
-        if self.gemm_min_tokens is not None:
-            is_gemm = seg[1] >= self.gemm_min_tokens
-            if is_gemm.any():
-                gemm_segments = [s for s, g in zip(segments, is_gemm.tolist(), strict=True) if g]
-                seg[1][is_gemm] = 0  # the segmented kernels skip them
         ids_t, positions_t, slots_t, logits_idx_t = upload(torch.long, ids_arr, positions, slots, logits_idx)
         qstart_t, seq_lens_t, tables_t, *seg_t = upload(
             torch.int32, qstart, seq_lens.astype(np.int32), table_arr, *seg
@@ -243,12 +235,11 @@ class ModelRunner:
                 num_tokens=num_tokens,
                 segments=segments,
                 max_rank=max_rank_bucket(max((s[3] for s in segments), default=0)),
-                gemm_segments=gemm_segments,
             )
             if segments:
                 lora.seg_start, lora.seg_len, lora.seg_row, lora.seg_rank = seg_t
                 scratch = self.scratch_slices * num_tokens * lora.max_rank
-                if len(gemm_segments) < len(segments) and 4 * scratch <= SCRATCH_MAX_BYTES:
+                if 4 * scratch <= SCRATCH_MAX_BYTES:
                     lora.scratch = torch.empty(scratch, dtype=torch.float32, device=dev)
         ctx = ForwardContext(
             attn=attn, lora=lora, kv_caches=self.kv_caches, attention=self.attention, store_kv=self.store_kv

@@ -47,14 +47,9 @@ def select_lora_apply(device: torch.device, pool_rows: int) -> tuple[LoRAApplyFn
     return lora_apply, pool_rows <= DENSE_MAX_ROWS
 
 
-def lora_gemm_min_tokens(device: torch.device) -> int | None:
-    """Segments at least this long run as dense GEMMs in eager steps on ``device`` (see
-    ``LoRASegments.gemm_segments``); None: every segment goes through the op's own path."""
-    if _triton_enabled(device):
-        from loraserve.ops.triton_lora import GEMM_MIN_TOKENS
-
-        return GEMM_MIN_TOKENS
-    return None
+def uses_triton(device: torch.device) -> bool:
+    """Whether the ops on ``device`` are the Triton kernels (CUDA, triton importable, not disabled)."""
+    return _triton_enabled(device)
 
 
 def warm_up_lora_kernels(

@@ -45,9 +45,6 @@ class LoRASegments:
     seg_len: torch.Tensor | None = None  # [N] int32
     seg_row: torch.Tensor | None = None  # [N] int32
     seg_rank: torch.Tensor | None = None  # [N] int32
-    # Segments that the GPU path runs as dense GEMMs (see ops.triton_lora.split_gemm_segments): their
-    # seg_len on the device is 0, so the segmented kernels skip them. Always in ``segments`` too.
-    gemm_segments: list[tuple[int, int, int, int]] = field(default_factory=list)
     # Float32 workspace for every LoRA layer's t in one forward (see zeroed_t); None: each shrink
     # allocates its own.
     scratch: torch.Tensor | None = None
@@ -63,13 +60,6 @@ class LoRASegments:
     def rows_hi(self) -> int:
         """One past the highest pool row any segment reads (the pool keeps used rows packed low)."""
         return max((row + rank for _, _, row, rank in self.segments), default=0)
-
-    @cached_property
-    def kernel_shape(self) -> tuple[int, int]:
-        """``(tokens, segments)`` the segmented kernels see: those of :attr:`gemm_segments` left out."""
-        gemm_tokens = sum(end - start for start, end, _, _ in self.gemm_segments)
-        num_segs = self.seg_len.numel() if self.seg_len is not None else len(self.segments)
-        return self.num_tokens - gemm_tokens, num_segs - len(self.gemm_segments)
 
     def begin_forward(self) -> None:
         """Zero :attr:`scratch` and hand it out from its start again; the model calls this first in

@@ -83,14 +83,6 @@ _DECODE_EXPAND_PROGRAMS_PER_SM = 3
 # to powers of two >= 16 (ops.lora.max_rank_bucket) its value class never changes.
 _PER_STEP_INTS = ["num_segs"]
 _MIN_BLOCK_SEG = 256
-# Eager steps run segments of at least this many tokens as dense GEMMs (:func:`lora_segment_gemm`)
-# instead of through the segmented kernels (0: never). Per decoder layer of Llama-2-7B shape in CUDA
-# graphs, one adapter over 4,096 tokens adds 386 us that way against 529 us in the kernels, over 1,024
-# tokens 109 against 136 us (H200, benchmarks/bench_lora_overlap.py). But eager steps pay each torch
-# op's host cost, and at 256 the engine's mixed steps got slower (benchmarks/RESULTS.md): only long
-# prefill chunks, whose GPU time hides the host's, take this path. CUDA graphs keep every segment in
-# the kernels (their segment tensors are fixed). The environment variable is for A/B measurements.
-GEMM_MIN_TOKENS = int(os.environ.get("LORASERVE_LORA_GEMM_MIN_TOKENS", "2048"))
 
 
 @dataclass(frozen=True)
@@ -816,7 +808,7 @@ def lora_shrink_triton(
         return t
     num_segs = segs[0].numel()
     cfg = config or shrink_config(
-        *meta.kernel_shape, in_features, num_slices, meta.max_rank, x.element_size(), _num_sms(x.device)
+        num_tokens, num_segs, in_features, num_slices, meta.max_rank, x.element_size(), _num_sms(x.device)
     )
     precision, upcast = _dot_args(x.dtype)
     args = (
@@ -888,7 +880,9 @@ def lora_expand_triton(
     if y.stride(1) != 1 or any(b_s.stride(1) != 1 for b_s in b):
         raise ValueError("y and b[s] must be contiguous along their last dim")
     num_segs = segs[0].numel()
-    cfg = config or expand_config(*meta.kernel_shape, meta.max_rank, b[0].element_size(), _num_sms(y.device))
+    cfg = config or expand_config(
+        num_tokens, num_segs, meta.max_rank, b[0].element_size(), _num_sms(y.device)
+    )
     outs = [b_s.shape[1] for b_s in b] + [0] * (_MAX_SLICES - num_slices)
     padded = list(b) + [b[0]] * (_MAX_SLICES - num_slices)
     strides = [b_s.stride(0) for b_s in padded]
@@ -964,46 +958,15 @@ def warm_up(
     return calls
 
 
-def lora_segment_gemm(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    a: torch.Tensor,
-    b: Sequence[torch.Tensor],
-    segment: tuple[int, int, int, int],
-) -> None:
-    """One segment's delta through dense GEMMs (cuBLAS on CUDA), in place: ``t = x[i0:i1] @ a_rows^T``
-    for all slices at once, rounded to ``b``'s dtype like the kernels' ``t``, then per slice
-    ``y[i0:i1, off_s:off_s+out_s] += t_s @ b[s][row:row+r]`` (an in-place GEMM with beta = 1, which
-    accumulates in fp32 and rounds once into ``y``, as the expand kernel does).
-
-    Shapes as in :func:`lora_apply_triton`; ``segment`` is ``(i0, i1, row, r)``.
-    """
-    start, end, row, rank = segment
-    num_slices = a.shape[1]
-    xs = x[start:end]
-    # [n, r * S] in (rank row, slice) order, then [S, n, r] so that each slice's t is contiguous.
-    t = (xs @ a[row : row + rank].reshape(rank * num_slices, -1).T).view(end - start, rank, num_slices)
-    t = t.permute(2, 0, 1).to(b[0].dtype, memory_format=torch.contiguous_format)
-    col = 0
-    for s, b_s in enumerate(b):
-        out = b_s.shape[1]
-        y[start:end, col : col + out].addmm_(t[s], b_s[row : row + rank])
-        col += out
-
-
 def lora_apply_triton(
     y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: Sequence[torch.Tensor], meta: LoRASegments
 ) -> None:
     """``y += LoRA(x)`` for every token's adapter (shrink then expand); base tokens are untouched.
 
-    Shapes as in :func:`lora_shrink_triton` / :func:`lora_expand_triton`. ``meta.gemm_segments`` run
-    through :func:`lora_segment_gemm`, the rest through the segmented kernels. The kernels launch
-    whenever the segment tensors exist and some segment is theirs (graph metadata: always, even if
-    all are zero-length padding), so this is safe to capture in a CUDA graph.
+    Shapes as in :func:`lora_shrink_triton` / :func:`lora_expand_triton`. Launches the kernels whenever
+    the segment tensors exist (even if all are zero-length padding), so it is safe to capture in a
+    CUDA graph.
     """
     if _segment_tensors(meta) is None:
         return
-    for segment in meta.gemm_segments:
-        lora_segment_gemm(y, x, a, b, segment)
-    if meta.kernel_shape[1] > 0:
-        lora_expand_triton(y, lora_shrink_triton(x, a, meta), b, meta)
+    lora_expand_triton(y, lora_shrink_triton(x, a, meta), b, meta)

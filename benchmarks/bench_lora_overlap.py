@@ -9,8 +9,12 @@ decoder layer (attention and norms left out: they do not touch LoRA), captured i
 over ``--layers`` layers of distinct weights, L2 flushed before each replay:
 
 * ``base``: the four GEMMs alone (what a step without adapters costs);
-* ``serial``: GEMM, then shrink + expand (the engine before this benchmark);
-* ``overlap``: shrink on a side stream beside the GEMM, expand after both.
+* ``serial``: GEMM, then shrink + expand (what the engine does);
+* ``overlap``: shrink on a side stream beside the GEMM, expand after both;
+* ``cublas`` / ``epilogue`` (cases of at most 8 adapters): the LoRA through cuBLAS one segment at
+  a time, added in place after the GEMM, or written first for the GEMM to accumulate onto.
+
+Each mode is checked against ``serial`` on one layer first. Results: benchmarks/RESULTS.md.
 
     python benchmarks/bench_lora_overlap.py [--layers 8] [--reps 30]
 """

@@ -131,7 +131,7 @@ class GCPauses:
 def run_engine(llm: LLM, prompts, out_lens, loras) -> dict:
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in out_lens]
     engine = llm.engine
-    steps: list[tuple[int, int, int, float, int]] = []
+    steps: list[tuple[int, int, int, float, int, float, float]] = []
     ids = []
     for i, (p, sp, lora) in enumerate(zip(prompts, params, loras, strict=True)):
         rid = f"r{i}"
@@ -150,13 +150,22 @@ def run_engine(llm: LLM, prompts, out_lens, loras) -> dict:
             outs = engine.step()
             st = engine.last_step
             steps.append(
-                (st.num_seqs, st.num_adapters, st.adapter_bytes, time.perf_counter() - t0, st.num_tokens)
+                (
+                    st.num_seqs,
+                    st.num_adapters,
+                    st.adapter_bytes,
+                    time.perf_counter() - t0,
+                    st.num_tokens,
+                    st.launch_seconds,
+                    st.wait_seconds,
+                )
             )
             done += sum(1 for o in outs if o.finished)
     elapsed = time.perf_counter() - start
     out_tokens = sum(out_lens)
     decode = [s for s in steps if s[4] == s[0]]
     other = [s for s in steps if s[4] != s[0]]
+    kinds = {"decode": decode, "other": other}
     slowest = sorted(range(len(steps)), key=lambda i: steps[i][3], reverse=True)[:8]
     return {
         "seconds": elapsed,
@@ -187,6 +196,10 @@ def run_engine(llm: LLM, prompts, out_lens, loras) -> dict:
         # Median step time by kind, to set the slow steps against.
         "median_decode_step_s": statistics.median(s[3] for s in decode) if decode else 0,
         "median_other_step_s": statistics.median(s[3] for s in other) if other else 0,
+        # Host time until the forward was launched, and then until the sampled tokens arrived
+        # (StepStats): a wait near zero means the host's launches, not the GPU, set the pace.
+        "median_launch_s": {k: statistics.median(s[5] for s in v) if v else 0 for k, v in kinds.items()},
+        "median_wait_s": {k: statistics.median(s[6] for s in v) if v else 0 for k, v in kinds.items()},
         "compiles_during_run": COMPILES.since(compiles),
         "gc_pauses": gc_pauses.summary(),
     }
@@ -282,7 +295,10 @@ def main() -> None:
             gen2 = r["gc_pauses"]["gen2"]
             print(
                 f"       median step decode {r['median_decode_step_s'] * 1e3:.1f} ms, "
-                f"other {r['median_other_step_s'] * 1e3:.1f} ms; full GCs {gen2['count']} "
+                f"other {r['median_other_step_s'] * 1e3:.1f} ms (host launch / wait for the GPU: decode "
+                f"{r['median_launch_s']['decode'] * 1e3:.1f} / {r['median_wait_s']['decode'] * 1e3:.1f} ms, "
+                f"other {r['median_launch_s']['other'] * 1e3:.1f} / {r['median_wait_s']['other'] * 1e3:.1f} ms); "
+                f"full GCs {gen2['count']} "
                 f"({gen2['seconds']:.2f} s, max {gen2['max_s'] * 1e3:.0f} ms); slowest: "
                 + ", ".join(
                     f"#{x['index']} {x['seconds'] * 1e3:.0f} ms ({x['tokens']} tok, {x['seqs']} seqs, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import time
 from itertools import pairwise
 from pathlib import Path
 
@@ -367,3 +368,21 @@ def test_non_streaming_request_is_reported_once_when_all_sequences_finish(model_
     assert len(reported["quiet"]) == 1 and reported["quiet"][0].finished
     assert all(c.finish_reason is not None for c in reported["quiet"][0].outputs)
     assert len(reported["loud"]) > 1 and reported["loud"][-1].finished
+
+
+def test_step_stats_split_host_launch_from_the_wait(model_dir):
+    """Each step records its shape and its host time: until the forward was launched, then until the
+    sampled tokens arrived (on the CPU the forward runs inside the launch part)."""
+    llm = engine(model_dir, enable_lora=False, max_num_seqs=8)
+    eng = llm.engine
+    eng.add_request("r", list(range(5, 40)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    shapes = []
+    while eng.has_unfinished():
+        start = time.perf_counter()
+        eng.step()
+        wall = time.perf_counter() - start
+        st = eng.last_step
+        shapes.append((st.num_seqs, st.num_tokens))
+        assert st.launch_seconds > 0 and st.wait_seconds > 0
+        assert st.launch_seconds + st.wait_seconds <= wall
+    assert shapes == [(1, 35), (1, 1), (1, 1)]

@@ -44,6 +44,11 @@ class StepStats:
     num_seqs: int = 0
     num_adapters: int = 0
     adapter_bytes: int = 0
+    # Host time from the step's start until its forward was launched (on a GPU the kernels run
+    # asynchronously), then until the sampled tokens were on the host. A GPU step whose wait is
+    # near zero was bound by the host's launches; one whose wait is long, by the GPU.
+    launch_seconds: float = 0.0
+    wait_seconds: float = 0.0
 
 
 class LLMEngine:
@@ -245,14 +250,16 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step and forward pass; return the outputs of requests that advanced."""
+        start = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
         batch, logits = self.runner.run(scheduled, self.store)
+        launched = time.perf_counter()
         sampling = [item.seq for item in batch if item.samples]
         self.scheduler.on_step_done(scheduled)
-        self._record_stats(scheduled)
         results = self.sampler(logits, [seq.sample_row for seq in sampling]) if sampling else []
+        self._record_stats(scheduled, launched - start, time.perf_counter() - launched)
         touched: dict[str, _Request] = {}
         now = time.monotonic()
         requests = self.requests
@@ -353,11 +360,15 @@ class LLMEngine:
             ids = ids[:-1]
         return self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
 
-    def _record_stats(self, scheduled: list[ScheduledSeq]) -> None:
+    def _record_stats(
+        self, scheduled: list[ScheduledSeq], launch_seconds: float, wait_seconds: float
+    ) -> None:
         adapters = {item.seq.adapter for item in scheduled if item.seq.adapter is not None}
         self.last_step = StepStats(
             num_tokens=sum(item.num_tokens for item in scheduled),
             num_seqs=len(scheduled),
             num_adapters=len(adapters),
             adapter_bytes=sum(a.packed_nbytes or a.nbytes for a in adapters),
+            launch_seconds=launch_seconds,
+            wait_seconds=wait_seconds,
         )

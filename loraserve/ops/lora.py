@@ -101,8 +101,12 @@ class LoRASegments:
         max_rank = max((s[3] for s in segs), default=0)
         out = cls(num_tokens=num_tokens, segments=segs, max_rank=max_rank)  # type: ignore[arg-type]
         if segs:
-            t = torch.tensor(segs, dtype=torch.int32).T.contiguous()
-            t = t.to(device, non_blocking=True)
+            # Rows padded to 4 entries (16 bytes): each field starts aligned, as the runner's uploads
+            # do, since the GPU kernels compile one variant per pointer alignment.
+            n = len(segs)
+            t = torch.zeros(4, -(-n // 4) * 4, dtype=torch.int32)
+            t[:, :n] = torch.tensor(segs, dtype=torch.int32).T
+            t = t.to(device, non_blocking=True)[:, :n]
             out.seg_start, out.seg_len, out.seg_row, out.seg_rank = t[0], t[1] - t[0], t[2], t[3]
         return out
 

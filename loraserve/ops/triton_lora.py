@@ -938,18 +938,8 @@ def warm_up(
         for rank in ranks:
             rank_in_pool = min(rank, a0.shape[0])
             segments = [(i * per, (i + 1) * per, 0, rank_in_pool) for i in range(num_segs)]
-            meta = LoRASegments(num_tokens=num_tokens, segments=segments, max_rank=rank)
-            # One allocation per field: 16-byte aligned like the runner's, since Triton compiles a
-            # variant per pointer alignment (views into one [4, N] tensor are not, for small N).
-            meta.seg_start, meta.seg_len, meta.seg_row, meta.seg_rank = (
-                torch.tensor(col, dtype=torch.int32, device=a0.device)
-                for col in (
-                    [s[0] for s in segments],
-                    [per] * num_segs,
-                    [0] * num_segs,
-                    [rank_in_pool] * num_segs,
-                )
-            )
+            meta = LoRASegments.build(segments, num_tokens, device=a0.device)
+            meta.max_rank = rank
             for a, b in layers.values():
                 x = torch.zeros(num_tokens, a.shape[2], dtype=dtype, device=a.device)
                 y = torch.zeros(num_tokens, sum(b_s.shape[1] for b_s in b), dtype=dtype, device=a.device)

@@ -36,6 +36,7 @@ from loraserve.ops.triton_lora import (  # noqa: E402
     lora_expand_triton,
     lora_shrink_triton,
     shrink_config,
+    split_segments,
     tiled_expand_config,
     tiled_shrink_config,
 )
@@ -84,6 +85,16 @@ def _assignment(pattern: str, num_tokens: int, rng: random.Random) -> list[int |
         weights = [1 / (k + 1) ** 1.2 for k in range(8)]
         ids = sorted(rng.choices(range(8), weights=weights, k=num_tokens))
         return list(ids)
+    if pattern == "mixed_step":
+        # An eager step of decode rows (1-3 tokens of many adapters, base rows between) and prefill
+        # chunks (17-40 tokens), interleaved as the runner orders them (by pool row).
+        out = []
+        adapter = 0
+        while len(out) < num_tokens:
+            run = rng.randint(17, 40) if rng.random() < 0.15 else rng.randint(1, 3)
+            out += [adapter if rng.random() < 0.85 else None] * run
+            adapter += 1
+        return out[:num_tokens]
     if pattern in ("base_mixed", "padded", "decode"):
         # Base tokens between and after adapter runs (the runner puts them last; the ops do not care).
         # "decode": runs of 1-3 tokens (one decode step, or a few speculative tokens, per sequence).
@@ -110,12 +121,14 @@ def make_case(
     fixed_max_rank: int = 0,
     rank_choices: Sequence[int] = RANKS,
     device: str = DEVICE,
+    split: bool = False,
 ) -> Case:
     """Random pool with mixed-rank adapters at scattered rows, and a step's segments over it.
 
     ``pad_to``: pad the segment tensors with zero-length entries (also one in the middle) up to this
     capacity, as a CUDA-graph runner does; ``fixed_max_rank``: use this ``max_rank`` instead of the batch's;
-    ``rank_choices``: the ranks adapters draw from.
+    ``rank_choices``: the ranks adapters draw from; ``split``: segments split by kernel family, as the
+    runner's eager steps (``triton_lora.split_segments``).
     """
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -151,7 +164,7 @@ def make_case(
     b = [randn(pool_rows, o, scale=1 / math.sqrt(max_rank)) for o in outs]
     y = randn(num_tokens, sum(outs))
 
-    meta = LoRASegments.build(segments, num_tokens, device=device)
+    meta = LoRASegments.build(segments, num_tokens, device=device, split=split_segments if split else None)
     if pad_to:
         padded = list(segments)
         pads = pad_to - len(padded)
@@ -361,6 +374,55 @@ def test_decode_kernels_long_segment(configs: str) -> None:
     _run_all(case, dtype, *DECODE_CONFIGS.get(configs, (None, None)))
 
 
+# (T, in, outs, dtype): S = 1, 2, 3, each dtype once.
+SPLIT_SHAPES = [
+    (97, 64, [80], torch.float32),
+    (120, 96, [72, 40], torch.bfloat16),
+    (90, 64, [64, 32, 48], torch.float16),
+]
+
+
+@pytest.mark.parametrize(("num_tokens", "in_features", "outs", "dtype"), SPLIT_SHAPES, ids=["S1", "S2", "S3"])
+def test_split_step_matches_reference(
+    num_tokens: int, in_features: int, outs: list[int], dtype: torch.dtype
+) -> None:
+    """A mixed eager step split by segment length: decode kernels on the short segments, tiled on the
+    long ones, into one t and y, equal to the reference over all segments."""
+    case = make_case(
+        "mixed_step",
+        num_tokens,
+        in_features,
+        outs,
+        dtype,
+        seed=zlib.crc32(f"split-{dtype}".encode()),
+        split=True,
+    )
+    assert case.meta.split is not None
+    short, long = case.meta.split
+    lengths = [e - s for s, e, _, _ in case.meta.segments]
+    assert short.num_tokens == sum(n for n in lengths if n <= 16) > 0
+    assert long.num_tokens == sum(n for n in lengths if n > 16) > 0
+    assert short.tensors[0].numel() + long.tensors[0].numel() == len(lengths)
+    assert isinstance(shrink_config(long.num_tokens, long.tensors[0].numel(), in_features, len(outs),
+                                    case.meta.max_rank, case.x.element_size(), _num_sms()), ShrinkConfig)  # fmt: skip
+    _run_all(case, dtype)
+
+
+def test_split_segments_policy() -> None:
+    """Split only steps with both short and long segments, ranks the decode kernels hold, family "auto"."""
+    short, long = (0, 3, 0, 16), (3, 40, 16, 16)
+    assert split_segments([short, long], 16) == ([short], [long])
+    assert split_segments([short, (3, 20, 16, 8)], 16) == ([short], [(3, 20, 16, 8)])
+    assert split_segments([(0, 16, 0, 8), long], 16) == ([(0, 16, 0, 8)], [long])
+    assert split_segments([short], 16) is None
+    assert split_segments([long], 16) is None
+    assert split_segments([short, long], 2 * MAX_DECODE_RANK) is None
+    for family in ("unsplit", "decode", "tiled"):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(triton_lora, "KERNEL_FAMILY", family)
+            assert split_segments([short, long], 16) is None
+
+
 def test_config_selection() -> None:
     """Decode kernels for <= 16 tokens per segment (padded N) and max_rank <= 128, tiled otherwise."""
     assert isinstance(shrink_config(64, 64, 4096, 3, 64, 2, 132), DecodeShrinkConfig)
@@ -448,7 +510,8 @@ def test_forward_scratch() -> None:
 
 
 def test_warm_up_runs_every_shape_and_leaves_pools() -> None:
-    """The start-up warm-up: 3 batch shapes x the rank buckets up to the engine's max rank, per layer kind."""
+    """The start-up warm-up: 4 batch shapes (one split by family) x the rank buckets up to the engine's
+    max rank, per layer kind."""
     gen = torch.Generator().manual_seed(0)
     layers = {
         "qkv": (
@@ -459,7 +522,7 @@ def test_warm_up_runs_every_shape_and_leaves_pools() -> None:
     }
     layers = {k: (a.to(DEVICE), [b_s.to(DEVICE) for b_s in b]) for k, (a, b) in layers.items()}
     before = {k: (a.clone(), [b_s.clone() for b_s in b]) for k, (a, b) in layers.items()}
-    assert triton_lora.warm_up(layers, max_lora_rank=24, dtype=torch.float32) == 3 * 2 * 2
+    assert triton_lora.warm_up(layers, max_lora_rank=24, dtype=torch.float32) == 4 * 2 * 2
     for k, (a, b) in layers.items():
         assert torch.equal(a, before[k][0]) and all(map(torch.equal, b, before[k][1]))
 
@@ -512,6 +575,19 @@ def test_gpu_tiled_llama_sizes(layer: str, pattern: str, num_tokens: int) -> Non
     dtype = torch.bfloat16
     case = make_case(pattern, num_tokens, in_features, outs, dtype, seed=num_tokens)
     _run_all(case, dtype, *_tiled_configs(case))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("num_tokens", [300, 2500])
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_gpu_split_step_llama_sizes(layer: str, num_tokens: int) -> None:
+    """Mixed eager steps split by family (decode rows of many adapters, prefill chunks) at Llama sizes."""
+    in_features, outs = LAYERS[layer]
+    dtype = torch.bfloat16
+    case = make_case("mixed_step", num_tokens, in_features, outs, dtype, seed=num_tokens, split=True)
+    assert case.meta.split is not None
+    _run_all(case, dtype)
 
 
 @pytest.mark.gpu

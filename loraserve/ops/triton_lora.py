@@ -44,6 +44,7 @@ segments into the same tensors before replay. The ops never read ``meta.segments
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loraserve.ops.lora import LoRASegments
+from loraserve.ops.lora import LoRASegments, Segment, SegmentTensors
 
 # Triton's interpreter (TRITON_INTERPRET=1, up to at least 3.9) stores bf16 as uint16 and feeds the raw
 # bits to np.matmul in tl.dot. Under the interpreter the kernels therefore upcast dot operands to fp32
@@ -158,12 +159,32 @@ def _block_m(num_tokens: int, num_segs: int) -> int:
     return 32 if mean <= 48 else 64
 
 
-# Which family serves batches whose ranks fit the decode kernels: "auto" (the heuristic below),
+# Which family serves batches whose ranks fit the decode kernels: "auto" (the heuristic below, and
+# eager steps split by segment length: split_segments), "unsplit" (the heuristic for the whole step),
 # "decode" or "tiled". A knob for measuring the families against each other in the engine
-# (benchmarks/RESULTS.md, run 7), read once at import.
+# (benchmarks/RESULTS.md), read once at import.
 KERNEL_FAMILY = os.environ.get("LORASERVE_LORA_KERNELS", "auto")
-if KERNEL_FAMILY not in ("auto", "decode", "tiled"):
-    raise ValueError(f"LORASERVE_LORA_KERNELS must be auto, decode or tiled, got {KERNEL_FAMILY!r}")
+if KERNEL_FAMILY not in ("auto", "unsplit", "decode", "tiled"):
+    raise ValueError(f"LORASERVE_LORA_KERNELS must be auto, unsplit, decode or tiled, got {KERNEL_FAMILY!r}")
+
+
+def split_segments(segments: list[Segment], max_rank: int) -> tuple[list[Segment], list[Segment]] | None:
+    """``(short, long)``: a step's segments of at most ``DECODE_BLOCK_M`` tokens and the rest, when the
+    step has both and the decode kernels hold ``max_rank``; else None (one family for the step).
+
+    A mixed step (decode rows of many adapters beside a few prefill chunks) averages tens to hundreds
+    of tokens per segment, so the heuristic gives the whole step the tiled kernels, whose 32-64 token
+    tiles and thousands of few-KB programs serve the decode rows poorly; the decode kernels, which
+    read each adapter once per step, lose on long segments (they re-read the adapter every 16
+    tokens: benchmarks/RESULTS.md, run 7). Split, each group runs on its own family: two launches per
+    op instead of one, on disjoint rows of ``t`` and ``y``.
+    """
+    if KERNEL_FAMILY != "auto" or max_rank > MAX_DECODE_RANK:
+        return None
+    short = [s for s in segments if s[1] - s[0] <= DECODE_BLOCK_M]
+    if not short or len(short) == len(segments):
+        return None
+    return short, [s for s in segments if s[1] - s[0] > DECODE_BLOCK_M]
 
 
 def _use_decode(num_tokens: int, num_segs: int, max_rank: int) -> bool:
@@ -217,6 +238,17 @@ def tiled_expand_config(num_tokens: int, num_segs: int, max_rank: int) -> Expand
     return ExpandConfig(block_m, block_n, block_r, num_warps=8 if block_m == 64 else 4)
 
 
+def decode_shrink_config(elem_size: int, num_sms: int) -> DecodeShrinkConfig:
+    """The decode shrink's defaults: a few programs per SM; 256 bytes of each row per K step
+    (``[16, block_k]`` tiles of ``x`` and A, 4 KB of A per step)."""
+    return DecodeShrinkConfig(programs=_DECODE_SHRINK_PROGRAMS_PER_SM * num_sms, block_k=256 // elem_size)
+
+
+def decode_expand_config(elem_size: int, num_sms: int) -> DecodeExpandConfig:
+    """The decode expand's defaults: a few programs per SM; 8 KB of B per loop step."""
+    return DecodeExpandConfig(programs=_DECODE_EXPAND_PROGRAMS_PER_SM * num_sms, b_tile=8192 // elem_size)
+
+
 @functools.lru_cache(maxsize=256)
 def shrink_config(
     num_tokens: int,
@@ -229,8 +261,7 @@ def shrink_config(
 ) -> ShrinkConfig | DecodeShrinkConfig:
     """Default shrink configuration: decode kernel for decode-like batches, else tiled."""
     if _use_decode(num_tokens, num_segs, max_rank):
-        # 256 bytes of each row per K step: [16, block_k] tiles of x and A, 4 KB of A per step.
-        return DecodeShrinkConfig(programs=_DECODE_SHRINK_PROGRAMS_PER_SM * num_sms, block_k=256 // elem_size)
+        return decode_shrink_config(elem_size, num_sms)
     return tiled_shrink_config(num_tokens, num_segs, in_features, num_slices, max_rank, elem_size, num_sms)
 
 
@@ -240,8 +271,7 @@ def expand_config(
 ) -> ExpandConfig | DecodeExpandConfig:
     """Default expand configuration: decode kernel for decode-like batches, else tiled."""
     if _use_decode(num_tokens, num_segs, max_rank):
-        # 8 KB of B per loop step: 4096 bf16/fp16 or 2048 fp32 elements.
-        return DecodeExpandConfig(programs=_DECODE_EXPAND_PROGRAMS_PER_SM * num_sms, b_tile=8192 // elem_size)
+        return decode_expand_config(elem_size, num_sms)
     return tiled_expand_config(num_tokens, num_segs, max_rank)
 
 
@@ -761,9 +791,7 @@ def _dot_args(dtype: torch.dtype) -> tuple[str, bool]:
     return precision, _INTERPRET and dtype != torch.float32
 
 
-def _segment_tensors(
-    meta: LoRASegments,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def _segment_tensors(meta: LoRASegments) -> SegmentTensors | None:
     if meta.seg_start is None or meta.seg_len is None or meta.seg_row is None or meta.seg_rank is None:
         return None
     return meta.seg_start, meta.seg_len, meta.seg_row, meta.seg_rank
@@ -792,23 +820,45 @@ def lora_shrink_triton(
         x: ``[T, in]`` activations (fp32/bf16/fp16, same dtype as ``a``).
         a: ``[R, S, in]`` A pool of one layer.
         meta: the step's segments; only the device tensors and ``max_rank`` are used (may be padded
-            with zero-length segments, see the module docstring).
+            with zero-length segments, see the module docstring). With ``meta.split`` each group
+            runs on its family (:func:`split_segments`) and ``config`` is not used.
         config: kernel and tile sizes; default :func:`shrink_config`.
     Returns:
         ``t``: ``[S, T, max_rank]`` float32; rows of base tokens and columns past a segment's rank are 0.
     """
-    num_tokens, in_features = x.shape
     num_slices = a.shape[1]
     if a.stride(2) != 1 or (num_slices > 1 and a.stride(0) != num_slices * a.stride(1)):
         raise ValueError("a must be contiguous in its last two dims (an adapter's rows form one block)")
     # Zeroed: both kernels may split K and atomic_add (the decode one decides at run time).
-    t = meta.zeroed_t(num_slices, num_tokens, x.device)
+    t = meta.zeroed_t(num_slices, x.shape[0], x.device)
     segs = _segment_tensors(meta)
-    if segs is None or num_tokens == 0 or meta.max_rank == 0:
+    if segs is None or x.shape[0] == 0 or meta.max_rank == 0:
         return t
+    if meta.split is None:
+        _shrink(x, a, t, segs, x.shape[0], meta.max_rank, config)
+        return t
+    short, long = meta.split
+    decode_cfg = decode_shrink_config(x.element_size(), _num_sms(x.device))
+    _shrink(x, a, t, short.tensors, short.num_tokens, meta.max_rank, decode_cfg)
+    _shrink(x, a, t, long.tensors, long.num_tokens, meta.max_rank, None)
+    return t
+
+
+def _shrink(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    t: torch.Tensor,
+    segs: SegmentTensors,
+    num_tokens: int,
+    max_rank: int,
+    config: ShrinkConfig | DecodeShrinkConfig | None,
+) -> None:
+    """One shrink launch over the segments ``segs`` (covering ``num_tokens`` of ``x``'s rows) into ``t``."""
+    in_features = x.shape[1]
+    num_slices = a.shape[1]
     num_segs = segs[0].numel()
     cfg = config or shrink_config(
-        num_tokens, num_segs, in_features, num_slices, meta.max_rank, x.element_size(), _num_sms(x.device)
+        num_tokens, num_segs, in_features, num_slices, max_rank, x.element_size(), _num_sms(x.device)
     )
     precision, upcast = _dot_args(x.dtype)
     args = (
@@ -841,11 +891,10 @@ def lora_shrink_triton(
     else:
         grid = (
             triton.cdiv(num_tokens, cfg.block_m) + num_segs,
-            triton.cdiv(num_slices * meta.max_rank, cfg.block_n),
+            triton.cdiv(num_slices * max_rank, cfg.block_n),
             cfg.split_k,
         )
         _shrink_kernel[grid](*args, cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **consts)
-    return t
 
 
 def lora_expand_triton(
@@ -857,8 +906,9 @@ def lora_expand_triton(
 ) -> None:
     """Expand in place: ``y[i0:i1, off_s:off_s+out_s] += t[s, i0:i1, :r] @ b[s][row:row+r]``.
 
-    One launch for all slices; each slice's product lands in its own column range of ``y``. Reads
-    ``t`` only on segment rows and below each segment's rank.
+    One launch for all slices (one per group with ``meta.split``, where ``config`` is not used); each
+    slice's product lands in its own column range of ``y``. Reads ``t`` only on segment rows and below
+    each segment's rank.
 
     Args:
         y: ``[T, sum_s out_s]`` output of the base projection (fp32/bf16/fp16, last dim contiguous).
@@ -871,18 +921,34 @@ def lora_expand_triton(
             ``meta.max_rank <= MAX_DECODE_RANK``.
     """
     segs = _segment_tensors(meta)
-    num_tokens = y.shape[0]
-    if segs is None or num_tokens == 0 or meta.max_rank == 0:
+    if segs is None or y.shape[0] == 0 or meta.max_rank == 0:
         return
-    num_slices = len(b)
-    if not 1 <= num_slices <= _MAX_SLICES:
-        raise ValueError(f"expand supports 1..{_MAX_SLICES} slices, got {num_slices}")
+    if not 1 <= len(b) <= _MAX_SLICES:
+        raise ValueError(f"expand supports 1..{_MAX_SLICES} slices, got {len(b)}")
     if y.stride(1) != 1 or any(b_s.stride(1) != 1 for b_s in b):
         raise ValueError("y and b[s] must be contiguous along their last dim")
+    if meta.split is None:
+        _expand(y, t, b, segs, y.shape[0], meta.max_rank, config)
+        return
+    short, long = meta.split
+    decode_cfg = decode_expand_config(b[0].element_size(), _num_sms(y.device))
+    _expand(y, t, b, short.tensors, short.num_tokens, meta.max_rank, decode_cfg)
+    _expand(y, t, b, long.tensors, long.num_tokens, meta.max_rank, None)
+
+
+def _expand(
+    y: torch.Tensor,
+    t: torch.Tensor,
+    b: Sequence[torch.Tensor],
+    segs: SegmentTensors,
+    num_tokens: int,
+    max_rank: int,
+    config: ExpandConfig | DecodeExpandConfig | None,
+) -> None:
+    """One expand launch over the segments ``segs`` (covering ``num_tokens`` of ``y``'s rows)."""
+    num_slices = len(b)
     num_segs = segs[0].numel()
-    cfg = config or expand_config(
-        num_tokens, num_segs, meta.max_rank, b[0].element_size(), _num_sms(y.device)
-    )
+    cfg = config or expand_config(num_tokens, num_segs, max_rank, b[0].element_size(), _num_sms(y.device))
     outs = [b_s.shape[1] for b_s in b] + [0] * (_MAX_SLICES - num_slices)
     padded = list(b) + [b[0]] * (_MAX_SLICES - num_slices)
     strides = [b_s.stride(0) for b_s in padded]
@@ -897,8 +963,8 @@ def lora_expand_triton(
     )
     t_strides = (y.stride(0), t.stride(0), t.stride(1), t.stride(2))
     if isinstance(cfg, DecodeExpandConfig):
-        if meta.max_rank > MAX_DECODE_RANK:
-            raise ValueError(f"the decode expand supports max_rank <= {MAX_DECODE_RANK}, got {meta.max_rank}")
+        if max_rank > MAX_DECODE_RANK:
+            raise ValueError(f"the decode expand supports max_rank <= {MAX_DECODE_RANK}, got {max_rank}")
         grid = _decode_grid(cfg.programs, num_tokens, num_segs)
         # Every rank chunk, whatever the step's max_rank: one compiled variant per layer shape, so
         # that eager steps (max_rank bucketed from their segments) run the variant the CUDA graphs
@@ -924,7 +990,7 @@ def warm_up(
     compile (~1 s each; a variant first needed mid-run cost a benchmark step 2 s).
 
     Variants follow the layer kind, the kernel family / ``BLOCK_M`` (from mean tokens per segment:
-    <= 16, <= 48, more) and ``max_rank`` (bucketed, up to ``max_lora_rank``'s bucket); the split
+    <= 16, <= 48, more; or both families in a step split by :func:`split_segments`) and ``max_rank`` (bucketed, up to ``max_lora_rank``'s bucket); the split
     counts and segment count are not specialized on. ``layers``: each LoRA layer kind's ``(a, b)``
     pools (one layer's; read only: ``x`` is 0, so ``y`` stays 0). Returns the calls made.
     """
@@ -932,13 +998,15 @@ def warm_up(
     a0 = next(iter(layers.values()))[0]
     max_bucket = max(16, triton.next_power_of_2(max_lora_rank))
     ranks = [r for r in (16, 32, 64, 128, 256, 512) if r <= max_bucket]
-    # (tokens, segments): decode-like (mean 1), BLOCK_M 32 (mean 32), BLOCK_M 64 (mean 128).
-    for num_tokens, num_segs in ((16, 16), (64, 2), (128, 1)):
-        per = num_tokens // num_segs
+    # Segment lengths: decode-like (mean 1), BLOCK_M 32 (mean 32), BLOCK_M 64 (mean 128), and a
+    # mixed step of both kinds (split by length when the ranks allow).
+    for lengths in ([1] * 16, [32] * 2, [128], [1] * 4 + [128]):
+        num_tokens = sum(lengths)
+        ends = list(itertools.accumulate(lengths))
         for rank in ranks:
             rank_in_pool = min(rank, a0.shape[0])
-            segments = [(i * per, (i + 1) * per, 0, rank_in_pool) for i in range(num_segs)]
-            meta = LoRASegments.build(segments, num_tokens, device=a0.device)
+            segments = [(end - n, end, 0, rank_in_pool) for n, end in zip(lengths, ends, strict=True)]
+            meta = LoRASegments.build(segments, num_tokens, device=a0.device, split=split_segments)
             meta.max_rank = rank
             for a, b in layers.values():
                 x = torch.zeros(num_tokens, a.shape[2], dtype=dtype, device=a.device)

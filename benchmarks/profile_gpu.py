@@ -169,7 +169,7 @@ def show(title: str, r: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--batches", type=int, nargs="*", default=[64, 256])
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--top", type=int, default=22)
     ap.add_argument("--lora-adapters", type=int, default=32, help="adapters for the LoRA profile (0: skip)")

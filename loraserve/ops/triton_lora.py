@@ -86,6 +86,60 @@ _PER_STEP_INTS = ["num_segs"]
 _MIN_BLOCK_SEG = 256
 
 
+# Launch compiled kernels directly (_Launcher) instead of through Triton's JIT entry point; "0" turns it
+# off (for measuring the two against each other: benchmarks/bench_lora_launch.py). Read at import.
+FAST_LAUNCH = os.environ.get("LORASERVE_TRITON_FAST_LAUNCH", "1") != "0"
+
+
+def _arg_key(arg: object) -> object:
+    """What Triton may specialize a kernel argument on, or more: dtype and 16-byte alignment of a tensor;
+    for an int, whether it is 1, a multiple of 16 and within int32 (bools are ints)."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, int):
+        return arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31
+    return type(arg), arg
+
+
+class _Launcher:
+    """Launches a JIT kernel's compiled variants without Triton's per-call entry point.
+
+    ``kernel[grid](...)`` binds every argument, computes Triton's specialization key, looks the variant
+    up and gathers launch hooks on every call: tens of microseconds of host time, measured on the H200
+    machine at 28-41 ms per mixed prefill/decode step for the 256 LoRA launches of a 7B model
+    (benchmarks/RESULTS.md), which made those steps wait on the host. Here a variant is looked up by a
+    key that refines Triton's (:func:`_arg_key` of each argument, the constexprs and launch options),
+    and launched through the variant's own launcher, the way PyTorch Inductor launches its Triton
+    kernels. A new key goes through ``kernel[grid]`` once (which compiles if needed) and stores the
+    variant it returns. Off CUDA (the interpreter) and with :data:`FAST_LAUNCH` off, every call takes
+    ``kernel[grid]``.
+    """
+
+    def __init__(self, kernel: triton.JITFunction) -> None:
+        self.kernel = kernel
+        self.variants: dict[tuple, object] = {}
+
+    def __call__(self, grid: tuple[int, ...], *args: object, **constexprs: object) -> None:
+        if _INTERPRET or not FAST_LAUNCH:
+            self.kernel[grid](*args, **constexprs)
+            return
+        key = (*map(_arg_key, args), *constexprs.values())
+        compiled = self.variants.get(key)
+        if compiled is None:
+            self.variants[key] = self.kernel[grid](*args, **constexprs)
+            return
+        # The launcher takes every parameter in signature order, constexprs included (as Triton's
+        # JITFunction.run passes its bound arguments); launch options (num_warps...) are not parameters.
+        params = self.kernel.arg_names[len(args) :]
+        values = (*args, *(constexprs[p] for p in params))
+        stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        compiled.run(
+            grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None, *values
+        )
+
+
 @dataclass(frozen=True)
 class ShrinkConfig:
     """Tile sizes of the tiled (prefill) shrink kernel.
@@ -785,6 +839,12 @@ def _expand_decode_kernel(
             )  # fmt: skip
 
 
+_launch_shrink = _Launcher(_shrink_kernel)
+_launch_shrink_decode = _Launcher(_shrink_decode_kernel)
+_launch_expand = _Launcher(_expand_kernel)
+_launch_expand_decode = _Launcher(_expand_decode_kernel)
+
+
 def _dot_args(dtype: torch.dtype) -> tuple[str, bool]:
     """``(input_precision, upcast)``: fp32 stays IEEE fp32 (as torch's default matmul); see ``_INTERPRET``."""
     precision = "ieee" if dtype == torch.float32 else "tf32"
@@ -887,14 +947,14 @@ def _shrink(
     )
     if isinstance(cfg, DecodeShrinkConfig):
         grid = _decode_grid(cfg.programs, num_tokens, num_segs)
-        _shrink_decode_kernel[grid](*args, BLOCK_M=DECODE_BLOCK_M, BLOCK_N=DECODE_SHRINK_BLOCK_N, **consts)
+        _launch_shrink_decode(grid, *args, BLOCK_M=DECODE_BLOCK_M, BLOCK_N=DECODE_SHRINK_BLOCK_N, **consts)
     else:
         grid = (
             triton.cdiv(num_tokens, cfg.block_m) + num_segs,
             triton.cdiv(num_slices * max_rank, cfg.block_n),
             cfg.split_k,
         )
-        _shrink_kernel[grid](*args, cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **consts)
+        _launch_shrink(grid, *args, cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **consts)
 
 
 def lora_expand_triton(
@@ -969,15 +1029,15 @@ def _expand(
         # Every rank chunk, whatever the step's max_rank: one compiled variant per layer shape, so
         # that eager steps (max_rank bucketed from their segments) run the variant the CUDA graphs
         # (max_rank = the pool's) compiled, instead of compiling their own mid-run (run 5: 1.7 s).
-        _expand_decode_kernel[grid](
-            y, t, *padded, *segs, num_segs, *outs, *strides, *t_strides,
+        _launch_expand_decode(
+            grid, y, t, *padded, *segs, num_segs, *outs, *strides, *t_strides,
             BLOCK_M=DECODE_BLOCK_M, NUM_CHUNKS=_DECODE_CHUNKS, B_TILE=cfg.b_tile, **consts,
         )  # fmt: skip
     else:
         nblks = [triton.cdiv(o, cfg.block_n) for o in outs]
         grid = (triton.cdiv(num_tokens, cfg.block_m) + num_segs, sum(nblks))
-        _expand_kernel[grid](
-            y, t, *padded, *segs, num_segs, *outs, nblks[0], nblks[1], *strides, *t_strides,
+        _launch_expand(
+            grid, y, t, *padded, *segs, num_segs, *outs, nblks[0], nblks[1], *strides, *t_strides,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
             ALIGNED=all(v % 16 == 0 for v in [*outs, *strides[:num_slices]]), **consts,
         )  # fmt: skip

@@ -5,8 +5,8 @@ waits. This times ``lora_apply_triton`` (shrink + expand; two launches, four whe
 segments are split by kernel family) at a 7B qkv shape on a mixed step's segments (decode rows of
 many adapters beside prefill chunks), with ``triton_lora.FAST_LAUNCH`` on and off, next to a torch
 op's launch for scale. Host time: ``N`` calls queued back to back (no sync inside), divided by
-``N``; GPU time: CUDA events over the same loop. Also checks that both launch paths give the same
-result, bit for bit.
+``N``; GPU time: CUDA events over the same loop. Also prints how far apart the two launch paths'
+results are (split-K atomics sum in any order, so not always bit for bit).
 
     python benchmarks/bench_lora_launch.py --out benchmarks/results/lora_launch.json
 """
@@ -91,7 +91,7 @@ def main() -> None:
             rows_out.append(
                 (f"lora_apply {name}, {'direct launcher' if fast else 'JIT entry point'}", host, gpu)
             )
-        results[f"{name}_identical"] = bool(torch.equal(outputs[False], outputs[True]))
+        results[f"{name}_max_abs_diff"] = float((outputs[False].float() - outputs[True].float()).abs().max())
     print(f"{num_tokens} tokens, {len(segments)} segments, qkv 4096 -> 3 x 4096, rank {rank}, bf16")
     print(f"{'call':<52} {'host us':>9} {'GPU us':>9}")
     for name, host, gpu in rows_out:

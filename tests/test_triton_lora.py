@@ -594,27 +594,26 @@ def test_gpu_split_step_llama_sizes(layer: str, num_tokens: int) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("layer", ["qkv_llama3_8b", "down_llama2_7b"])
 def test_gpu_direct_launch_matches_jit_entry(layer: str) -> None:
-    """The direct launcher (a variant's second call) computes what Triton's entry point does, bit for bit,
-    on both kernel families, and keys variants apart (a misaligned x is another variant)."""
+    """The direct launcher (a variant's second call) computes what Triton's entry point does on both kernel
+    families (to rounding: split-K atomics sum in any order), and keys variants apart (a misaligned x
+    is another variant)."""
     in_features, outs = LAYERS[layer]
     dtype = torch.bfloat16
     case = make_case("mixed_step", 600, in_features, outs, dtype, seed=21, split=True)
-    results = []
+    y_ref = case.y.clone()
+    lora_apply(y_ref, case.x, case.a, case.b, case.meta)
     for fast in (False, True, True):
         with pytest.MonkeyPatch.context() as m:
             m.setattr(triton_lora, "FAST_LAUNCH", fast)
             y = case.y.clone()
             lora_apply_triton(y, case.x, case.a, case.b, case.meta)
-            results.append(y)
-    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+            _check_y(y, y_ref, case, case.y, dtype)
     # x one element in: not 16-byte aligned, so neither the same key nor the same variant.
     x_off = torch.empty(case.x.numel() + 1, dtype=dtype, device=DEVICE)[1:].view_as(case.x)
     x_off.copy_(case.x)
     y = case.y.clone()
     lora_apply_triton(y, x_off, case.a, case.b, case.meta)
     lora_apply_triton(y, x_off, case.a, case.b, case.meta)
-    y_ref = case.y.clone()
-    lora_apply(y_ref, case.x, case.a, case.b, case.meta)
     lora_apply(y_ref, case.x, case.a, case.b, case.meta)
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(y.float(), y_ref.float(), atol=2 * atol, rtol=rtol)

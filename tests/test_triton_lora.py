@@ -423,6 +423,20 @@ def test_split_segments_policy() -> None:
             assert split_segments([short, long], 16) is None
 
 
+def test_launch_plans_cover_every_parameter() -> None:
+    """A step plans each layer shape's launches once; each plan's per-layer tensors plus its prepared
+    arguments are exactly the kernel's parameters (the direct launcher passes them positionally)."""
+    case = make_case("mixed_step", 90, 64, [64, 32, 48], torch.float32, seed=4, split=True)
+    y = case.y.clone()
+    lora_apply_triton(y, case.x, case.a, case.b, case.meta)
+    lora_apply_triton(y, case.x, case.a, case.b, case.meta)
+    (shrinks, expands), *others = case.meta.op_cache.values()
+    assert not others and len(shrinks) == len(expands) == 2
+    for launches, num_head in ((shrinks, 3), (expands, 5)):
+        for launch in launches:
+            assert num_head + len(launch.values) == len(launch.kernel.arg_names)
+
+
 def test_config_selection() -> None:
     """Decode kernels for <= 16 tokens per segment (padded N) and max_rank <= 128, tiled otherwise."""
     assert isinstance(shrink_config(64, 64, 4096, 3, 64, 2, 132), DecodeShrinkConfig)

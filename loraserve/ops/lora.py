@@ -70,6 +70,8 @@ class LoRASegments:
     # the two groups' device tensors, so that each group runs on the kernels made for its shape (see
     # loraserve.ops.triton_lora.split_segments). None: every segment in the fields above, one family.
     split: tuple[SegmentGroup, SegmentGroup] | None = None
+    # The GPU ops' per-step cache: what they work out once per step and layer shape (launch plans).
+    op_cache: dict = field(default_factory=dict, repr=False)
     _scratch_at: int = field(default=0, repr=False)
     _dense_mask: dict[tuple[int, int, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
 

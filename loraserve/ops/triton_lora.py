@@ -86,7 +86,7 @@ _PER_STEP_INTS = ["num_segs"]
 _MIN_BLOCK_SEG = 256
 
 
-# Launch compiled kernels directly (_Launcher) instead of through Triton's JIT entry point; "0" turns it
+# Launch compiled kernels directly (_Launch) instead of through Triton's JIT entry point; "0" turns it
 # off (for measuring the two against each other: benchmarks/bench_lora_launch.py). Read at import.
 FAST_LAUNCH = os.environ.get("LORASERVE_TRITON_FAST_LAUNCH", "1") != "0"
 
@@ -101,43 +101,62 @@ def _arg_key(arg: object) -> object:
     return type(arg), arg
 
 
-class _Launcher:
-    """Launches a JIT kernel's compiled variants without Triton's per-call entry point.
+# Compiled variants of each kernel by _Launch key (shared by every step's launches).
+_VARIANTS: dict[tuple, object] = {}
 
-    ``kernel[grid](...)`` binds every argument, computes Triton's specialization key, looks the variant
-    up and gathers launch hooks on every call: tens of microseconds of host time, measured on the H200
-    machine at 28-41 ms per mixed prefill/decode step for the 256 LoRA launches of a 7B model
-    (benchmarks/RESULTS.md), which made those steps wait on the host. Here a variant is looked up by a
-    key that refines Triton's (:func:`_arg_key` of each argument, the constexprs and launch options),
-    and launched through the variant's own launcher, the way PyTorch Inductor launches its Triton
-    kernels. A new key goes through ``kernel[grid]`` once (which compiles if needed) and stores the
-    variant it returns. Off CUDA (the interpreter) and with :data:`FAST_LAUNCH` off, every call takes
-    ``kernel[grid]``.
+
+class _Launch:
+    """One kernel launch of a step, prepared once per step and layer kind; each layer passes its tensors.
+
+    The arguments are ``(*head, *tail)``: ``head`` the tensors that change from layer to layer (``x``,
+    ``a``, ``t``, or ``y``, ``t``, ``b``), ``tail`` the segment tensors and integers the step's layers of
+    one kind share. ``kernel[grid](...)`` binds every argument, computes Triton's specialization key,
+    looks the variant up and gathers launch hooks on every call, and the ops' own Python around it
+    costs as much again: together ~110 us of host time per shrink + expand on the H200 machine's CPU,
+    which made a 7B model's mixed prefill/decode steps wait on the host (28-41 ms of launches per step,
+    benchmarks/RESULTS.md). Here the configuration, grid and the tail's key are computed once per step
+    and kind, and a variant is looked up by a key that refines Triton's (:func:`_arg_key`: each head
+    tensor's dtype and alignment, the tail's, the constexprs and launch options) and launched through
+    its own launcher, the way PyTorch Inductor launches Triton kernels. A new key goes through
+    ``kernel[grid]`` once (which compiles if needed) and keeps the variant it returns. Under the
+    interpreter (CPU) and with :data:`FAST_LAUNCH` off every call takes ``kernel[grid]``.
     """
 
-    def __init__(self, kernel: triton.JITFunction) -> None:
-        self.kernel = kernel
-        self.variants: dict[tuple, object] = {}
+    __slots__ = ("kernel", "grid", "tail", "consts", "tail_key", "values")
 
-    def __call__(self, grid: tuple[int, ...], *args: object, **constexprs: object) -> None:
-        if _INTERPRET or not FAST_LAUNCH:
-            self.kernel[grid](*args, **constexprs)
-            return
-        key = (*map(_arg_key, args), *constexprs.values())
-        compiled = self.variants.get(key)
-        if compiled is None:
-            self.variants[key] = self.kernel[grid](*args, **constexprs)
-            return
+    def __init__(self, kernel: triton.JITFunction, grid: tuple[int, ...], tail: tuple, consts: dict) -> None:
+        self.kernel = kernel
+        self.grid = (*grid, *(1,) * (3 - len(grid)))
+        self.tail = tail
+        self.consts = consts
+        self.tail_key = (kernel, *map(_arg_key, tail), *consts.items())
         # The launcher takes every parameter in signature order, constexprs included (as Triton's
         # JITFunction.run passes its bound arguments); launch options (num_warps...) are not parameters.
-        params = self.kernel.arg_names[len(args) :]
-        values = (*args, *(constexprs[p] for p in params))
+        self.values = (*tail, *(consts[p] for p in kernel.arg_names if p in consts))
+
+    def __call__(self, *head: torch.Tensor) -> None:
+        if _INTERPRET or not FAST_LAUNCH:
+            self.kernel[self.grid](*head, *self.tail, **self.consts)
+            return
+        key = (*[(h.dtype, h.data_ptr() % 16 == 0) for h in head], self.tail_key)
+        compiled = _VARIANTS.get(key)
+        if compiled is None:
+            _VARIANTS[key] = self.kernel[self.grid](*head, *self.tail, **self.consts)
+            return
         stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
-        g1 = grid[1] if len(grid) > 1 else 1
-        g2 = grid[2] if len(grid) > 2 else 1
-        compiled.run(
-            grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None, *values
-        )
+        compiled.run(  # type: ignore[attr-defined]
+            *self.grid, stream, compiled.function, compiled.packed_metadata, None, None, None,  # type: ignore[attr-defined]
+            *head, *self.values,
+        )  # fmt: skip
+
+
+def _cdiv(a: int, b: int) -> int:
+    # triton.cdiv / next_power_of_2 are constexpr functions: a few microseconds per host call.
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 @dataclass(frozen=True)
@@ -266,11 +285,11 @@ def tiled_shrink_config(
     """
     block_m = _block_m(num_tokens, num_segs)
     # tl.dot needs every tile dim >= 16; 128 fused columns keep the fp32 accumulator in registers.
-    block_n = min(max(16, triton.next_power_of_2(num_slices * max_rank)), 128)
+    block_n = min(max(16, _next_power_of_2(num_slices * max_rank)), 128)
     block_k = 128 if block_m == 16 and elem_size == 2 else 64 if elem_size == 2 else 32
     # Programs that will have work: at least T / BLOCK_M tiles, at most one per (short) segment.
-    tiles = max(triton.cdiv(num_tokens, block_m), min(num_segs, num_tokens))
-    programs = tiles * triton.cdiv(num_slices * max_rank, block_n)
+    tiles = max(_cdiv(num_tokens, block_m), min(num_segs, num_tokens))
+    programs = tiles * _cdiv(num_slices * max_rank, block_n)
     # Split K until the GPU has ~2 programs per SM, keeping >= 2 K steps per split.
     split_k = 1
     while programs * split_k < 2 * num_sms and in_features >= 4 * split_k * block_k and split_k < 16:
@@ -285,7 +304,7 @@ def tiled_expand_config(num_tokens: int, num_segs: int, max_rank: int) -> Expand
     """Heuristic tiles for the tiled expand, keyed on ``max_rank`` and the batch shape (see
     :func:`tiled_shrink_config`)."""
     block_m = _block_m(num_tokens, num_segs)
-    block_r = min(max(16, triton.next_power_of_2(max_rank)), 64)
+    block_r = min(max(16, _next_power_of_2(max_rank)), 64)
     # Decode-like: wide column tiles so that each program moves a useful number of B bytes
     # (rank * 256 * 2 bytes); prefill: 64 x 128 accumulator.
     block_n = 256 if block_m == 16 and block_r <= 32 else 128
@@ -839,12 +858,6 @@ def _expand_decode_kernel(
             )  # fmt: skip
 
 
-_launch_shrink = _Launcher(_shrink_kernel)
-_launch_shrink_decode = _Launcher(_shrink_decode_kernel)
-_launch_expand = _Launcher(_expand_kernel)
-_launch_expand_decode = _Launcher(_expand_decode_kernel)
-
-
 def _dot_args(dtype: torch.dtype) -> tuple[str, bool]:
     """``(input_precision, upcast)``: fp32 stays IEEE fp32 (as torch's default matmul); see ``_INTERPRET``."""
     precision = "ieee" if dtype == torch.float32 else "tf32"
@@ -860,12 +873,12 @@ def _segment_tensors(meta: LoRASegments) -> SegmentTensors | None:
 def _block_seg(num_segs: int) -> int:
     # At least 256 lanes (the segment capacity of a CUDA graph at 256 sequences): a prefix sum over
     # unused lanes is nearly free, while each distinct value would be one more compiled variant.
-    return max(_MIN_BLOCK_SEG, triton.next_power_of_2(num_segs))
+    return max(_MIN_BLOCK_SEG, _next_power_of_2(num_segs))
 
 
 def _decode_grid(programs: int, num_tokens: int, num_segs: int) -> tuple[int]:
     # At least one program per possible tile, so that every active tile gets >= 1 program.
-    return (max(programs, triton.cdiv(num_tokens, DECODE_BLOCK_M) + num_segs),)
+    return (max(programs, _cdiv(num_tokens, DECODE_BLOCK_M) + num_segs),)
 
 
 def lora_shrink_triton(
@@ -891,70 +904,77 @@ def lora_shrink_triton(
         raise ValueError("a must be contiguous in its last two dims (an adapter's rows form one block)")
     # Zeroed: both kernels may split K and atomic_add (the decode one decides at run time).
     t = meta.zeroed_t(num_slices, x.shape[0], x.device)
-    segs = _segment_tensors(meta)
-    if segs is None or x.shape[0] == 0 or meta.max_rank == 0:
+    if _segment_tensors(meta) is None or x.shape[0] == 0 or meta.max_rank == 0:
         return t
-    if meta.split is None:
-        _shrink(x, a, t, segs, x.shape[0], meta.max_rank, config)
-        return t
-    short, long = meta.split
-    decode_cfg = decode_shrink_config(x.element_size(), _num_sms(x.device))
-    _shrink(x, a, t, short.tensors, short.num_tokens, meta.max_rank, decode_cfg)
-    _shrink(x, a, t, long.tensors, long.num_tokens, meta.max_rank, None)
+    for launch in _shrink_launches(x, a, t, meta, config):
+        launch(x, a, t)
     return t
 
 
-def _shrink(
+def _groups(meta: LoRASegments, num_tokens: int) -> list[tuple[SegmentTensors, int, bool]]:
+    """``(segment tensors, tokens they cover, decode family forced)`` of each launch of an op."""
+    if meta.split is None:
+        segs = _segment_tensors(meta)
+        assert segs is not None
+        return [(segs, num_tokens, False)]
+    short, long = meta.split
+    return [(short.tensors, short.num_tokens, True), (long.tensors, long.num_tokens, False)]
+
+
+def _shrink_launches(
     x: torch.Tensor,
     a: torch.Tensor,
     t: torch.Tensor,
-    segs: SegmentTensors,
-    num_tokens: int,
-    max_rank: int,
+    meta: LoRASegments,
     config: ShrinkConfig | DecodeShrinkConfig | None,
-) -> None:
-    """One shrink launch over the segments ``segs`` (covering ``num_tokens`` of ``x``'s rows) into ``t``."""
+) -> list[_Launch]:
+    """The shrink launches of this step for ``x``/``a``/``t`` shaped as given (one per segment group)."""
     in_features = x.shape[1]
     num_slices = a.shape[1]
-    num_segs = segs[0].numel()
-    cfg = config or shrink_config(
-        num_tokens, num_segs, in_features, num_slices, max_rank, x.element_size(), _num_sms(x.device)
-    )
-    precision, upcast = _dot_args(x.dtype)
-    args = (
-        x,
-        a,
-        t,
-        *segs,
-        num_segs,
-        in_features,
-        x.stride(0),
-        x.stride(1),
-        a.stride(1) if num_slices > 1 else a.stride(0),
-        t.stride(0),
-        t.stride(1),
-        t.stride(2),
-    )
-    consts = dict(
-        NUM_SLICES=num_slices,
-        BLOCK_K=cfg.block_k,
-        BLOCK_SEG=_block_seg(num_segs),
-        EVEN_K=in_features % cfg.block_k == 0,
-        PRECISION=precision,
-        UPCAST=upcast,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    if isinstance(cfg, DecodeShrinkConfig):
-        grid = _decode_grid(cfg.programs, num_tokens, num_segs)
-        _launch_shrink_decode(grid, *args, BLOCK_M=DECODE_BLOCK_M, BLOCK_N=DECODE_SHRINK_BLOCK_N, **consts)
-    else:
-        grid = (
-            triton.cdiv(num_tokens, cfg.block_m) + num_segs,
-            triton.cdiv(num_slices * max_rank, cfg.block_n),
-            cfg.split_k,
+    elem = x.element_size()
+    sms = _num_sms(x.device)
+    launches = []
+    for segs, num_tokens, decode in _groups(meta, x.shape[0]):
+        num_segs = segs[0].numel()
+        if decode:
+            cfg: ShrinkConfig | DecodeShrinkConfig = decode_shrink_config(elem, sms)
+        else:
+            cfg = config or shrink_config(
+                num_tokens, num_segs, in_features, num_slices, meta.max_rank, elem, sms
+            )
+        precision, upcast = _dot_args(x.dtype)
+        tail: tuple = (
+            *segs,
+            num_segs,
+            in_features,
+            x.stride(0),
+            x.stride(1),
+            a.stride(1) if num_slices > 1 else a.stride(0),
+            *t.stride(),
         )
-        _launch_shrink(grid, *args, cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **consts)
+        consts = dict(
+            NUM_SLICES=num_slices,
+            BLOCK_K=cfg.block_k,
+            BLOCK_SEG=_block_seg(num_segs),
+            EVEN_K=in_features % cfg.block_k == 0,
+            PRECISION=precision,
+            UPCAST=upcast,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+        if isinstance(cfg, DecodeShrinkConfig):
+            consts.update(BLOCK_M=DECODE_BLOCK_M, BLOCK_N=DECODE_SHRINK_BLOCK_N)
+            grid = _decode_grid(cfg.programs, num_tokens, num_segs)
+            launches.append(_Launch(_shrink_decode_kernel, grid, tail, consts))
+        else:
+            consts.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+            grid = (
+                _cdiv(num_tokens, cfg.block_m) + num_segs,
+                _cdiv(num_slices * meta.max_rank, cfg.block_n),
+                cfg.split_k,
+            )
+            launches.append(_Launch(_shrink_kernel, grid, (*tail, cfg.split_k), consts))
+    return launches
 
 
 def lora_expand_triton(
@@ -980,67 +1000,71 @@ def lora_expand_triton(
         config: kernel and tile sizes; default :func:`expand_config`. The decode kernel needs
             ``meta.max_rank <= MAX_DECODE_RANK``.
     """
-    segs = _segment_tensors(meta)
-    if segs is None or y.shape[0] == 0 or meta.max_rank == 0:
+    if _segment_tensors(meta) is None or y.shape[0] == 0 or meta.max_rank == 0:
         return
     if not 1 <= len(b) <= _MAX_SLICES:
         raise ValueError(f"expand supports 1..{_MAX_SLICES} slices, got {len(b)}")
     if y.stride(1) != 1 or any(b_s.stride(1) != 1 for b_s in b):
         raise ValueError("y and b[s] must be contiguous along their last dim")
-    if meta.split is None:
-        _expand(y, t, b, segs, y.shape[0], meta.max_rank, config)
-        return
-    short, long = meta.split
-    decode_cfg = decode_expand_config(b[0].element_size(), _num_sms(y.device))
-    _expand(y, t, b, short.tensors, short.num_tokens, meta.max_rank, decode_cfg)
-    _expand(y, t, b, long.tensors, long.num_tokens, meta.max_rank, None)
+    head = (y, t, *b, *[b[0]] * (_MAX_SLICES - len(b)))
+    for launch in _expand_launches(y, t, b, meta, config):
+        launch(*head)
 
 
-def _expand(
+def _expand_launches(
     y: torch.Tensor,
     t: torch.Tensor,
     b: Sequence[torch.Tensor],
-    segs: SegmentTensors,
-    num_tokens: int,
-    max_rank: int,
+    meta: LoRASegments,
     config: ExpandConfig | DecodeExpandConfig | None,
-) -> None:
-    """One expand launch over the segments ``segs`` (covering ``num_tokens`` of ``y``'s rows)."""
+) -> list[_Launch]:
+    """The expand launches of this step for ``y``/``t``/``b`` shaped as given (one per segment group)."""
     num_slices = len(b)
-    num_segs = segs[0].numel()
-    cfg = config or expand_config(num_tokens, num_segs, max_rank, b[0].element_size(), _num_sms(y.device))
+    elem = b[0].element_size()
+    sms = _num_sms(y.device)
     outs = [b_s.shape[1] for b_s in b] + [0] * (_MAX_SLICES - num_slices)
-    padded = list(b) + [b[0]] * (_MAX_SLICES - num_slices)
-    strides = [b_s.stride(0) for b_s in padded]
+    strides = [b_s.stride(0) for b_s in b] + [b[0].stride(0)] * (_MAX_SLICES - num_slices)
     precision, upcast = _dot_args(b[0].dtype)
-    consts = dict(
-        NUM_SLICES=num_slices,
-        BLOCK_SEG=_block_seg(num_segs),
-        PRECISION=precision,
-        UPCAST=upcast,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    t_strides = (y.stride(0), t.stride(0), t.stride(1), t.stride(2))
-    if isinstance(cfg, DecodeExpandConfig):
-        if max_rank > MAX_DECODE_RANK:
-            raise ValueError(f"the decode expand supports max_rank <= {MAX_DECODE_RANK}, got {max_rank}")
-        grid = _decode_grid(cfg.programs, num_tokens, num_segs)
-        # Every rank chunk, whatever the step's max_rank: one compiled variant per layer shape, so
-        # that eager steps (max_rank bucketed from their segments) run the variant the CUDA graphs
-        # (max_rank = the pool's) compiled, instead of compiling their own mid-run (run 5: 1.7 s).
-        _launch_expand_decode(
-            grid, y, t, *padded, *segs, num_segs, *outs, *strides, *t_strides,
-            BLOCK_M=DECODE_BLOCK_M, NUM_CHUNKS=_DECODE_CHUNKS, B_TILE=cfg.b_tile, **consts,
-        )  # fmt: skip
-    else:
-        nblks = [triton.cdiv(o, cfg.block_n) for o in outs]
-        grid = (triton.cdiv(num_tokens, cfg.block_m) + num_segs, sum(nblks))
-        _launch_expand(
-            grid, y, t, *padded, *segs, num_segs, *outs, nblks[0], nblks[1], *strides, *t_strides,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
-            ALIGNED=all(v % 16 == 0 for v in [*outs, *strides[:num_slices]]), **consts,
-        )  # fmt: skip
+    launches = []
+    for segs, num_tokens, decode in _groups(meta, y.shape[0]):
+        num_segs = segs[0].numel()
+        if decode:
+            cfg: ExpandConfig | DecodeExpandConfig = decode_expand_config(elem, sms)
+        else:
+            cfg = config or expand_config(num_tokens, num_segs, meta.max_rank, elem, sms)
+        consts = dict(
+            NUM_SLICES=num_slices,
+            BLOCK_SEG=_block_seg(num_segs),
+            PRECISION=precision,
+            UPCAST=upcast,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+        t_strides = (y.stride(0), *t.stride())
+        if isinstance(cfg, DecodeExpandConfig):
+            if meta.max_rank > MAX_DECODE_RANK:
+                raise ValueError(
+                    f"the decode expand supports max_rank <= {MAX_DECODE_RANK}, got {meta.max_rank}"
+                )
+            # Every rank chunk, whatever the step's max_rank: one compiled variant per layer shape, so
+            # that eager steps (max_rank bucketed from their segments) run the variant the CUDA graphs
+            # (max_rank = the pool's) compiled, instead of compiling their own mid-run (run 5: 1.7 s).
+            consts.update(BLOCK_M=DECODE_BLOCK_M, NUM_CHUNKS=_DECODE_CHUNKS, B_TILE=cfg.b_tile)
+            grid: tuple[int, ...] = _decode_grid(cfg.programs, num_tokens, num_segs)
+            tail = (*segs, num_segs, *outs, *strides, *t_strides)
+            launches.append(_Launch(_expand_decode_kernel, grid, tail, consts))
+        else:
+            nblks = [_cdiv(o, cfg.block_n) for o in outs]
+            consts.update(
+                BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n,
+                BLOCK_R=cfg.block_r,
+                ALIGNED=all(v % 16 == 0 for v in [*outs, *strides[:num_slices]]),
+            )
+            grid = (_cdiv(num_tokens, cfg.block_m) + num_segs, sum(nblks))
+            tail = (*segs, num_segs, *outs, nblks[0], nblks[1], *strides, *t_strides)
+            launches.append(_Launch(_expand_kernel, grid, tail, consts))
+    return launches
 
 
 def warm_up(
@@ -1056,7 +1080,7 @@ def warm_up(
     """
     calls = 0
     a0 = next(iter(layers.values()))[0]
-    max_bucket = max(16, triton.next_power_of_2(max_lora_rank))
+    max_bucket = max(16, _next_power_of_2(max_lora_rank))
     ranks = [r for r in (16, 32, 64, 128, 256, 512) if r <= max_bucket]
     # Segment lengths: decode-like (mean 1), BLOCK_M 32 (mean 32), BLOCK_M 64 (mean 128), and a
     # mixed step of both kinds (split by length when the ranks allow).
@@ -1083,8 +1107,32 @@ def lora_apply_triton(
 
     Shapes as in :func:`lora_shrink_triton` / :func:`lora_expand_triton`. Launches the kernels whenever
     the segment tensors exist (even if all are zero-length padding), so it is safe to capture in a
-    CUDA graph.
+    CUDA graph. The launches are planned once per step and layer shape (``meta.op_cache``) and reused by
+    every layer of that shape, so that a layer costs little more host time than its launches.
     """
     if _segment_tensors(meta) is None:
         return
-    lora_expand_triton(y, lora_shrink_triton(x, a, meta), b, meta)
+    num_slices = a.shape[1]
+    t = meta.zeroed_t(num_slices, x.shape[0], x.device)
+    key = ("lora", x.shape, x.stride(), a.shape, y.shape, y.stride(0), len(b), x.dtype)
+    plan = meta.op_cache.get(key)
+    if plan is None:
+        if x.shape[0] == 0 or meta.max_rank == 0:
+            plan = ((), ())
+        else:
+            if a.stride(2) != 1 or (num_slices > 1 and a.stride(0) != num_slices * a.stride(1)):
+                raise ValueError(
+                    "a must be contiguous in its last two dims (an adapter's rows form one block)"
+                )
+            if not 1 <= len(b) <= _MAX_SLICES:
+                raise ValueError(f"expand supports 1..{_MAX_SLICES} slices, got {len(b)}")
+            if y.stride(1) != 1 or any(b_s.stride(1) != 1 for b_s in b):
+                raise ValueError("y and b[s] must be contiguous along their last dim")
+            plan = (_shrink_launches(x, a, t, meta, None), _expand_launches(y, t, b, meta, None))
+        meta.op_cache[key] = plan
+    for launch in plan[0]:
+        launch(x, a, t)
+    if plan[1]:
+        head = (y, t, *b, *[b[0]] * (_MAX_SLICES - len(b)))
+        for launch in plan[1]:
+            launch(*head)

@@ -69,10 +69,13 @@ def main() -> None:
     a = torch.randn(rows, 3, in_features, device=dev, dtype=dtype, generator=gen) / 64
     b = [torch.randn(rows, o, device=dev, dtype=dtype, generator=gen) / 4 for o in outs]
     y0 = torch.randn(num_tokens, sum(outs), device=dev, dtype=dtype, generator=gen)
+    unsplit = LoRASegments.build(segments, num_tokens, device=dev)
+    triton_lora.KERNEL_FAMILY = "split"  # what LORASERVE_LORA_KERNELS=split does
     metas = {
-        "unsplit": LoRASegments.build(segments, num_tokens, device=dev),
+        "unsplit": unsplit,
         "split": LoRASegments.build(segments, num_tokens, device=dev, split=triton_lora.split_segments),
     }
+    assert metas["split"].split is not None
     small = torch.zeros(16, device=dev)
     rows_out = [("torch add_ (one launch)", *host_and_gpu_us(lambda: small.add_(1.0), args.calls))]
     results: dict = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "rows": {}}

@@ -382,6 +382,13 @@ SPLIT_SHAPES = [
 ]
 
 
+@pytest.fixture
+def split_family(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager steps split by segment length (``LORASERVE_LORA_KERNELS=split``)."""
+    monkeypatch.setattr(triton_lora, "KERNEL_FAMILY", "split")
+
+
+@pytest.mark.usefixtures("split_family")
 @pytest.mark.parametrize(("num_tokens", "in_features", "outs", "dtype"), SPLIT_SHAPES, ids=["S1", "S2", "S3"])
 def test_split_step_matches_reference(
     num_tokens: int, in_features: int, outs: list[int], dtype: torch.dtype
@@ -408,21 +415,23 @@ def test_split_step_matches_reference(
     _run_all(case, dtype)
 
 
-def test_split_segments_policy() -> None:
-    """Split only steps with both short and long segments, ranks the decode kernels hold, family "auto"."""
+def test_split_segments_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Split only steps with both short and long segments, ranks the decode kernels hold, family "split"."""
     short, long = (0, 3, 0, 16), (3, 40, 16, 16)
+    assert triton_lora.KERNEL_FAMILY == "auto" and split_segments([short, long], 16) is None
+    monkeypatch.setattr(triton_lora, "KERNEL_FAMILY", "split")
     assert split_segments([short, long], 16) == ([short], [long])
     assert split_segments([short, (3, 20, 16, 8)], 16) == ([short], [(3, 20, 16, 8)])
     assert split_segments([(0, 16, 0, 8), long], 16) == ([(0, 16, 0, 8)], [long])
     assert split_segments([short], 16) is None
     assert split_segments([long], 16) is None
     assert split_segments([short, long], 2 * MAX_DECODE_RANK) is None
-    for family in ("unsplit", "decode", "tiled"):
-        with pytest.MonkeyPatch.context() as m:
-            m.setattr(triton_lora, "KERNEL_FAMILY", family)
-            assert split_segments([short, long], 16) is None
+    for family in ("auto", "decode", "tiled"):
+        monkeypatch.setattr(triton_lora, "KERNEL_FAMILY", family)
+        assert split_segments([short, long], 16) is None
 
 
+@pytest.mark.usefixtures("split_family")
 def test_launch_plans_cover_every_parameter() -> None:
     """A step plans each layer shape's launches once; each plan's per-layer tensors plus its prepared
     arguments are exactly the kernel's parameters (the direct launcher passes them positionally)."""
@@ -594,6 +603,7 @@ def test_gpu_tiled_llama_sizes(layer: str, pattern: str, num_tokens: int) -> Non
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("num_tokens", [300, 2500])
+@pytest.mark.usefixtures("split_family")
 @pytest.mark.parametrize("layer", list(LAYERS))
 def test_gpu_split_step_llama_sizes(layer: str, num_tokens: int) -> None:
     """Mixed eager steps split by family (decode rows of many adapters, prefill chunks) at Llama sizes."""
@@ -606,6 +616,7 @@ def test_gpu_split_step_llama_sizes(layer: str, num_tokens: int) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.usefixtures("split_family")
 @pytest.mark.parametrize("layer", ["qkv_llama3_8b", "down_llama2_7b"])
 def test_gpu_direct_launch_matches_jit_entry(layer: str) -> None:
     """The direct launcher (a variant's second call) computes what Triton's entry point does on both kernel

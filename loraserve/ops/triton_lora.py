@@ -232,27 +232,27 @@ def _block_m(num_tokens: int, num_segs: int) -> int:
     return 32 if mean <= 48 else 64
 
 
-# Which family serves batches whose ranks fit the decode kernels: "auto" (the heuristic below, and
-# eager steps split by segment length: split_segments), "unsplit" (the heuristic for the whole step),
-# "decode" or "tiled". A knob for measuring the families against each other in the engine
-# (benchmarks/RESULTS.md), read once at import.
+# Which family serves batches whose ranks fit the decode kernels: "auto" (the heuristic below), "split"
+# (the heuristic, and eager steps split by segment length: split_segments), "decode" or "tiled". A knob
+# for measuring the families against each other in the engine (benchmarks/RESULTS.md), read at import.
 KERNEL_FAMILY = os.environ.get("LORASERVE_LORA_KERNELS", "auto")
-if KERNEL_FAMILY not in ("auto", "unsplit", "decode", "tiled"):
-    raise ValueError(f"LORASERVE_LORA_KERNELS must be auto, unsplit, decode or tiled, got {KERNEL_FAMILY!r}")
+if KERNEL_FAMILY not in ("auto", "split", "decode", "tiled"):
+    raise ValueError(f"LORASERVE_LORA_KERNELS must be auto, split, decode or tiled, got {KERNEL_FAMILY!r}")
 
 
 def split_segments(segments: list[Segment], max_rank: int) -> tuple[list[Segment], list[Segment]] | None:
-    """``(short, long)``: a step's segments of at most ``DECODE_BLOCK_M`` tokens and the rest, when the
-    step has both and the decode kernels hold ``max_rank``; else None (one family for the step).
+    """``(short, long)``: a step's segments of at most ``DECODE_BLOCK_M`` tokens and the rest, when
+    :data:`KERNEL_FAMILY` is ``"split"``, the step has both and the decode kernels hold ``max_rank``;
+    else None (one family for the step).
 
     A mixed step (decode rows of many adapters beside a few prefill chunks) averages tens to hundreds
-    of tokens per segment, so the heuristic gives the whole step the tiled kernels, whose 32-64 token
-    tiles and thousands of few-KB programs serve the decode rows poorly; the decode kernels, which
-    read each adapter once per step, lose on long segments (they re-read the adapter every 16
-    tokens: benchmarks/RESULTS.md, run 7). Split, each group runs on its own family: two launches per
-    op instead of one, on disjoint rows of ``t`` and ``y``.
+    of tokens per segment, so the heuristic gives the whole step the tiled kernels; split, the decode
+    rows run on the decode kernels and the prefill chunks on the tiled ones (two launches per op, on
+    disjoint rows of ``t`` and ``y``). Measured on the H200, the split lost: one layer's qkv at 1,800
+    tokens over 52 segments took 105 instead of 91 us, and with 128 adapters the anchor workload's
+    mixed steps took longer (benchmarks/RESULTS.md, seventh session), so it is not the default.
     """
-    if KERNEL_FAMILY != "auto" or max_rank > MAX_DECODE_RANK:
+    if KERNEL_FAMILY != "split" or max_rank > MAX_DECODE_RANK:
         return None
     short = [s for s in segments if s[1] - s[0] <= DECODE_BLOCK_M]
     if not short or len(short) == len(segments):

@@ -933,6 +933,7 @@ def _shrink_launches(
     num_slices = a.shape[1]
     elem = x.element_size()
     sms = _num_sms(x.device)
+    precision, upcast = _dot_args(x.dtype)
     launches = []
     for segs, num_tokens, decode in _groups(meta, x.shape[0]):
         num_segs = segs[0].numel()
@@ -942,7 +943,6 @@ def _shrink_launches(
             cfg = config or shrink_config(
                 num_tokens, num_segs, in_features, num_slices, meta.max_rank, elem, sms
             )
-        precision, upcast = _dot_args(x.dtype)
         tail: tuple = (
             *segs,
             num_segs,

@@ -142,6 +142,7 @@ def run_engine(llm: LLM, prompts, out_lens, loras) -> dict:
     llm.reset_prefix_cache()
     torch.cuda.synchronize()
     compiles = COMPILES.mark()
+    allocator = _allocator_counts()
     start = time.perf_counter()
     done = 0
     with GCPauses() as gc_pauses:
@@ -201,8 +202,17 @@ def run_engine(llm: LLM, prompts, out_lens, loras) -> dict:
         "median_launch_s": {k: statistics.median(s[5] for s in v) if v else 0 for k, v in kinds.items()},
         "median_wait_s": {k: statistics.median(s[6] for s in v) if v else 0 for k, v in kinds.items()},
         "compiles_during_run": COMPILES.since(compiles),
+        # cudaMalloc / cudaFree calls and allocation retries of torch's caching allocator during the
+        # run: each free (and a retry frees cached blocks) synchronizes the device, so a launch phase
+        # that does them waits on the GPU.
+        "allocator": {k: v - allocator[k] for k, v in _allocator_counts().items()},
         "gc_pauses": gc_pauses.summary(),
     }
+
+
+def _allocator_counts() -> dict[str, int]:
+    stats = torch.cuda.memory_stats()
+    return {k: int(stats.get(k, 0)) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
 
 
 def add_decode_batch(llm: LLM, batch: int, ctx: int, loras, max_tokens: int, tag: str) -> None:
@@ -298,7 +308,7 @@ def main() -> None:
                 f"other {r['median_other_step_s'] * 1e3:.1f} ms (host launch / wait for the GPU: decode "
                 f"{r['median_launch_s']['decode'] * 1e3:.1f} / {r['median_wait_s']['decode'] * 1e3:.1f} ms, "
                 f"other {r['median_launch_s']['other'] * 1e3:.1f} / {r['median_wait_s']['other'] * 1e3:.1f} ms); "
-                f"full GCs {gen2['count']} "
+                f"allocator {r.get('allocator')}; full GCs {gen2['count']} "
                 f"({gen2['seconds']:.2f} s, max {gen2['max_s'] * 1e3:.0f} ms); slowest: "
                 + ", ".join(
                     f"#{x['index']} {x['seconds'] * 1e3:.0f} ms ({x['tokens']} tok, {x['seqs']} seqs, "

@@ -36,7 +36,6 @@ from loraserve.ops.triton_lora import (  # noqa: E402
     lora_expand_triton,
     lora_shrink_triton,
     shrink_config,
-    split_segments,
     tiled_expand_config,
     tiled_shrink_config,
 )
@@ -121,14 +120,12 @@ def make_case(
     fixed_max_rank: int = 0,
     rank_choices: Sequence[int] = RANKS,
     device: str = DEVICE,
-    split: bool = False,
 ) -> Case:
     """Random pool with mixed-rank adapters at scattered rows, and a step's segments over it.
 
     ``pad_to``: pad the segment tensors with zero-length entries (also one in the middle) up to this
     capacity, as a CUDA-graph runner does; ``fixed_max_rank``: use this ``max_rank`` instead of the batch's;
-    ``rank_choices``: the ranks adapters draw from; ``split``: segments split by kernel family, as the
-    runner's eager steps (``triton_lora.split_segments``).
+    ``rank_choices``: the ranks adapters draw from.
     """
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -164,7 +161,7 @@ def make_case(
     b = [randn(pool_rows, o, scale=1 / math.sqrt(max_rank)) for o in outs]
     y = randn(num_tokens, sum(outs))
 
-    meta = LoRASegments.build(segments, num_tokens, device=device, split=split_segments if split else None)
+    meta = LoRASegments.build(segments, num_tokens, device=device)
     if pad_to:
         padded = list(segments)
         pads = pad_to - len(padded)
@@ -375,74 +372,37 @@ def test_decode_kernels_long_segment(configs: str) -> None:
 
 
 # (T, in, outs, dtype): S = 1, 2, 3, each dtype once.
-SPLIT_SHAPES = [
+MIXED_SHAPES = [
     (97, 64, [80], torch.float32),
     (120, 96, [72, 40], torch.bfloat16),
     (90, 64, [64, 32, 48], torch.float16),
 ]
 
 
-@pytest.fixture
-def split_family(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Eager steps split by segment length (``LORASERVE_LORA_KERNELS=split``)."""
-    monkeypatch.setattr(triton_lora, "KERNEL_FAMILY", "split")
-
-
-@pytest.mark.usefixtures("split_family")
-@pytest.mark.parametrize(("num_tokens", "in_features", "outs", "dtype"), SPLIT_SHAPES, ids=["S1", "S2", "S3"])
-def test_split_step_matches_reference(
+@pytest.mark.parametrize(("num_tokens", "in_features", "outs", "dtype"), MIXED_SHAPES, ids=["S1", "S2", "S3"])
+def test_mixed_step_matches_reference(
     num_tokens: int, in_features: int, outs: list[int], dtype: torch.dtype
 ) -> None:
-    """A mixed eager step split by segment length: decode kernels on the short segments, tiled on the
-    long ones, into one t and y, equal to the reference over all segments."""
+    """An eager mixed step (decode rows of many adapters beside prefill chunks, base rows between) on the
+    kernels the heuristic picks for it and on the tiled ones."""
     case = make_case(
-        "mixed_step",
-        num_tokens,
-        in_features,
-        outs,
-        dtype,
-        seed=zlib.crc32(f"split-{dtype}".encode()),
-        split=True,
+        "mixed_step", num_tokens, in_features, outs, dtype, seed=zlib.crc32(f"mixed-{dtype}".encode())
     )
-    assert case.meta.split is not None
-    short, long = case.meta.split
-    lengths = [e - s for s, e, _, _ in case.meta.segments]
-    assert short.num_tokens == sum(n for n in lengths if n <= 16) > 0
-    assert long.num_tokens == sum(n for n in lengths if n > 16) > 0
-    assert short.tensors[0].numel() + long.tensors[0].numel() == len(lengths)
-    assert isinstance(shrink_config(long.num_tokens, long.tensors[0].numel(), in_features, len(outs),
-                                    case.meta.max_rank, case.x.element_size(), _num_sms()), ShrinkConfig)  # fmt: skip
     _run_all(case, dtype)
+    _run_all(case, dtype, *_tiled_configs(case))
 
 
-def test_split_segments_policy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Split only steps with both short and long segments, ranks the decode kernels hold, family "split"."""
-    short, long = (0, 3, 0, 16), (3, 40, 16, 16)
-    assert triton_lora.KERNEL_FAMILY == "auto" and split_segments([short, long], 16) is None
-    monkeypatch.setattr(triton_lora, "KERNEL_FAMILY", "split")
-    assert split_segments([short, long], 16) == ([short], [long])
-    assert split_segments([short, (3, 20, 16, 8)], 16) == ([short], [(3, 20, 16, 8)])
-    assert split_segments([(0, 16, 0, 8), long], 16) == ([(0, 16, 0, 8)], [long])
-    assert split_segments([short], 16) is None
-    assert split_segments([long], 16) is None
-    assert split_segments([short, long], 2 * MAX_DECODE_RANK) is None
-    for family in ("auto", "decode", "tiled"):
-        monkeypatch.setattr(triton_lora, "KERNEL_FAMILY", family)
-        assert split_segments([short, long], 16) is None
-
-
-@pytest.mark.usefixtures("split_family")
 def test_launch_plans_cover_every_parameter() -> None:
     """A step plans each layer shape's launches once; each plan's per-layer tensors plus its prepared
     arguments are exactly the kernel's parameters (the direct launcher passes them positionally)."""
-    case = make_case("mixed_step", 90, 64, [64, 32, 48], torch.float32, seed=4, split=True)
-    y = case.y.clone()
-    lora_apply_triton(y, case.x, case.a, case.b, case.meta)
-    lora_apply_triton(y, case.x, case.a, case.b, case.meta)
-    (shrinks, expands), *others = case.meta.op_cache.values()
-    assert not others and len(shrinks) == len(expands) == 2
-    for launches, num_head in ((shrinks, 3), (expands, 5)):
-        for launch in launches:
+    for pattern in ("mixed_step", "decode"):  # tiled and decode kernels
+        case = make_case(pattern, 90, 64, [64, 32, 48], torch.float32, seed=4)
+        y = case.y.clone()
+        lora_apply_triton(y, case.x, case.a, case.b, case.meta)
+        lora_apply_triton(y, case.x, case.a, case.b, case.meta)
+        (shrink, expand), *others = case.meta.op_cache.values()
+        assert not others
+        for launch, num_head in ((shrink, 3), (expand, 5)):
             assert num_head + len(launch.values) == len(launch.kernel.arg_names)
 
 
@@ -533,8 +493,7 @@ def test_forward_scratch() -> None:
 
 
 def test_warm_up_runs_every_shape_and_leaves_pools() -> None:
-    """The start-up warm-up: 4 batch shapes (one split by family) x the rank buckets up to the engine's
-    max rank, per layer kind."""
+    """The start-up warm-up: 3 batch shapes x the rank buckets up to the engine's max rank, per layer kind."""
     gen = torch.Generator().manual_seed(0)
     layers = {
         "qkv": (
@@ -545,7 +504,7 @@ def test_warm_up_runs_every_shape_and_leaves_pools() -> None:
     }
     layers = {k: (a.to(DEVICE), [b_s.to(DEVICE) for b_s in b]) for k, (a, b) in layers.items()}
     before = {k: (a.clone(), [b_s.clone() for b_s in b]) for k, (a, b) in layers.items()}
-    assert triton_lora.warm_up(layers, max_lora_rank=24, dtype=torch.float32) == 4 * 2 * 2
+    assert triton_lora.warm_up(layers, max_lora_rank=24, dtype=torch.float32) == 3 * 2 * 2
     for k, (a, b) in layers.items():
         assert torch.equal(a, before[k][0]) and all(map(torch.equal, b, before[k][1]))
 
@@ -577,13 +536,24 @@ LAYERS = {
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("num_tokens", [1, 7, 256, 2048])
+@pytest.mark.parametrize(
+    ("pattern", "num_tokens"),
+    [
+        ("spread256", 1),
+        ("spread256", 7),
+        ("spread256", 256),
+        ("spread256", 2048),
+        ("mixed_step", 300),
+        ("mixed_step", 2500),
+    ],
+)
 @pytest.mark.parametrize("layer", list(LAYERS))
-def test_gpu_llama_sizes(layer: str, num_tokens: int) -> None:
-    """min(T, 256) distinct mixed-rank adapters (one token each up to T = 256, 8 each at 2048)."""
+def test_gpu_llama_sizes(layer: str, pattern: str, num_tokens: int) -> None:
+    """min(T, 256) distinct mixed-rank adapters (one token each up to T = 256, 8 each at 2048), and mixed
+    eager steps (decode rows of many adapters beside prefill chunks)."""
     in_features, outs = LAYERS[layer]
     dtype = torch.bfloat16
-    case = make_case("spread256", num_tokens, in_features, outs, dtype, seed=num_tokens)
+    case = make_case(pattern, num_tokens, in_features, outs, dtype, seed=num_tokens)
     _run_all(case, dtype)
 
 
@@ -602,29 +572,13 @@ def test_gpu_tiled_llama_sizes(layer: str, pattern: str, num_tokens: int) -> Non
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("num_tokens", [300, 2500])
-@pytest.mark.usefixtures("split_family")
-@pytest.mark.parametrize("layer", list(LAYERS))
-def test_gpu_split_step_llama_sizes(layer: str, num_tokens: int) -> None:
-    """Mixed eager steps split by family (decode rows of many adapters, prefill chunks) at Llama sizes."""
-    in_features, outs = LAYERS[layer]
-    dtype = torch.bfloat16
-    case = make_case("mixed_step", num_tokens, in_features, outs, dtype, seed=num_tokens, split=True)
-    assert case.meta.split is not None
-    _run_all(case, dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.usefixtures("split_family")
 @pytest.mark.parametrize("layer", ["qkv_llama3_8b", "down_llama2_7b"])
 def test_gpu_direct_launch_matches_jit_entry(layer: str) -> None:
-    """The direct launcher (a variant's second call) computes what Triton's entry point does on both kernel
-    families (to rounding: split-K atomics sum in any order), and keys variants apart (a misaligned x
-    is another variant)."""
+    """The direct launcher (a variant's second call) computes what Triton's entry point does (to rounding:
+    split-K atomics sum in any order), and keys variants apart (a misaligned x is another variant)."""
     in_features, outs = LAYERS[layer]
     dtype = torch.bfloat16
-    case = make_case("mixed_step", 600, in_features, outs, dtype, seed=21, split=True)
+    case = make_case("mixed_step", 600, in_features, outs, dtype, seed=21)
     y_ref = case.y.clone()
     lora_apply(y_ref, case.x, case.a, case.b, case.meta)
     for fast in (False, True, True):

@@ -26,12 +26,11 @@ from loraserve.ops import (
     allocate_kv_cache,
     select_attention_ops,
     select_lora_apply,
-    select_lora_split,
     uses_triton,
     warm_up_lora_kernels,
 )
 from loraserve.ops.attention import AttentionMeta
-from loraserve.ops.lora import LoRASegments, LoRASplitFn, SegmentGroup, max_rank_bucket
+from loraserve.ops.lora import LoRASegments, max_rank_bucket
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +50,6 @@ class ModelRunner:
         self.pool: DeviceLoRAPool | None = None
         # The Triton path's per-forward LoRA t workspace: its [T, max_rank] planes (0: none).
         self.scratch_slices = 0
-        # Partition of an eager step's segments by kernel family (GPU path), or None.
-        self.split_segments: LoRASplitFn | None = None
         lora_layers = None
         if cfg.lora.enabled:
             rows = cfg.lora.max_loras * cfg.lora.max_lora_rank
@@ -61,7 +58,6 @@ class ModelRunner:
             if uses_triton(self.device):
                 self.scratch_slices = self.pool.slices_per_forward
             lora_layers = [self.pool.layer_weights(i) for i in range(mcfg.num_layers)]
-            self.split_segments = select_lora_split(self.device)
             warm_up_lora_kernels(self.device, lora_layers[0], cfg.lora.max_lora_rank, cfg.dtype)
         self.model = LlamaModel(mcfg, lora_layers, cfg.dtype, self.device, cfg.max_model_len + 1)
         if cfg.load_format == "dummy":
@@ -215,15 +211,12 @@ class ModelRunner:
             device = host.to(dev, non_blocking=True)
             return [device[off : off + a.size].view(a.shape) for a, off in zip(arrays, offsets, strict=True)]
 
-        # The LoRA segments' columns (start, length, pool row, rank) travel with the int32 inputs; a
-        # step split by segment length (the GPU kernels' split_segments) also sends each group's.
-        max_rank = max_rank_bucket(max((s[3] for s in segments), default=0))
-        groups = self.split_segments(segments, max_rank) if self.split_segments and segments else None
-        seg_lists = [segments, *groups] if groups else [segments]
-        seg_cols = [_segment_columns(s) for s in seg_lists]
+        # The LoRA segments' columns (start, length, pool row, rank) travel with the int32 inputs.
+        seg = np.array(segments, dtype=np.int32).reshape(-1, 4).T.copy()
+        seg[1] -= seg[0]
         ids_t, positions_t, slots_t, logits_idx_t = upload(torch.long, ids_arr, positions, slots, logits_idx)
         qstart_t, seq_lens_t, tables_t, *seg_t = upload(
-            torch.int32, qstart, seq_lens.astype(np.int32), table_arr, *chain.from_iterable(seg_cols)
+            torch.int32, qstart, seq_lens.astype(np.int32), table_arr, *seg
         )
         attn = AttentionMeta(
             slot_mapping=slots_t,
@@ -238,14 +231,13 @@ class ModelRunner:
         if self.pool is not None:
             # What LoRASegments.build makes, without its own copy: the runs are in token order,
             # none empty.
-            lora = LoRASegments(num_tokens=num_tokens, segments=segments, max_rank=max_rank)
+            lora = LoRASegments(
+                num_tokens=num_tokens,
+                segments=segments,
+                max_rank=max_rank_bucket(max((s[3] for s in segments), default=0)),
+            )
             if segments:
-                lora.seg_start, lora.seg_len, lora.seg_row, lora.seg_rank = seg_t[:4]
-                if groups:
-                    lora.split = (
-                        SegmentGroup(tuple(seg_t[4:8]), int(seg_cols[1][1].sum())),
-                        SegmentGroup(tuple(seg_t[8:12]), int(seg_cols[2][1].sum())),
-                    )
+                lora.seg_start, lora.seg_len, lora.seg_row, lora.seg_rank = seg_t
                 scratch = self.scratch_slices * num_tokens * lora.max_rank
                 if 4 * scratch <= SCRATCH_MAX_BYTES:
                     lora.scratch = torch.empty(scratch, dtype=torch.float32, device=dev)
@@ -254,13 +246,6 @@ class ModelRunner:
         )
         logits = self.model(ids_t, positions_t, ctx, logits_idx_t)
         return batch, logits
-
-
-def _segment_columns(segments: list[tuple[int, int, int, int]]) -> np.ndarray:
-    """``[4, N]`` int32 rows (start, length, pool row, rank) of ``(start, end, row, rank)`` segments."""
-    seg = np.array(segments, dtype=np.int32).reshape(-1, 4).T.copy()
-    seg[1] -= seg[0]
-    return seg
 
 
 def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from loraserve.ops.attention import paged_attention, store_kv
-from loraserve.ops.lora import DENSE_MAX_ROWS, LoRAApplyFn, LoRASplitFn, lora_apply
+from loraserve.ops.lora import DENSE_MAX_ROWS, LoRAApplyFn, lora_apply
 
 if TYPE_CHECKING:
     from loraserve.model.layers import LoRALayerWeights
@@ -45,16 +45,6 @@ def select_lora_apply(device: torch.device, pool_rows: int) -> tuple[LoRAApplyFn
 
         return lora_apply_triton, False
     return lora_apply, pool_rows <= DENSE_MAX_ROWS
-
-
-def select_lora_split(device: torch.device) -> LoRASplitFn | None:
-    """How eager steps on ``device`` split their LoRA segments between kernel families
-    (``triton_lora.split_segments``); None where one op serves every segment (CPU)."""
-    if _triton_enabled(device):
-        from loraserve.ops.triton_lora import split_segments
-
-        return split_segments
-    return None
 
 
 def uses_triton(device: torch.device) -> bool:

@@ -32,21 +32,6 @@ SegmentTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 """``(seg_start, seg_len, seg_row, seg_rank)``: ``[N]`` int32 each, one entry per segment."""
 
 
-Segment = tuple[int, int, int, int]
-"""``(start, end, row, rank)``: a run of tokens ``[start, end)`` on the adapter at pool rows ``[row, row + rank)``."""
-
-LoRASplitFn = Callable[[list[Segment], int], "tuple[list[Segment], list[Segment]] | None"]
-"""``split(segments, max_rank)``: the step's segments as (short, long) groups, one per kernel family, or None."""
-
-
-@dataclass(frozen=True)
-class SegmentGroup:
-    """Some of a step's segments on the device, and how many tokens they cover (the kernels' grids)."""
-
-    tensors: SegmentTensors
-    num_tokens: int
-
-
 @dataclass
 class LoRASegments:
     """The per-step mapping from tokens to adapter pool rows, shared by every LoRA layer.
@@ -66,10 +51,6 @@ class LoRASegments:
     # Float32 workspace for every LoRA layer's t in one forward (see zeroed_t); None: each shrink
     # allocates its own.
     scratch: torch.Tensor | None = None
-    # The GPU path's eager steps that mix short segments (decode rows) with long ones (prefill chunks):
-    # the two groups' device tensors, so that each group runs on the kernels made for its shape (see
-    # loraserve.ops.triton_lora.split_segments). None: every segment in the fields above, one family.
-    split: tuple[SegmentGroup, SegmentGroup] | None = None
     # The GPU ops' per-step cache: what they work out once per step and layer shape (launch plans).
     op_cache: dict = field(default_factory=dict, repr=False)
     _scratch_at: int = field(default=0, repr=False)
@@ -119,24 +100,19 @@ class LoRASegments:
         segments: Sequence[tuple[int, int, int, int]],
         num_tokens: int,
         device: torch.device | str = "cpu",
-        split: LoRASplitFn | None = None,
     ) -> LoRASegments:
-        """Build from ``(start, end, row, rank)`` runs; empty runs are dropped.
-
-        ``split(segments, max_rank)``: a partition into (short, long) groups, or None for none (the
-        GPU path's ``split_segments``); given, :attr:`split` holds the groups it returns.
-        """
+        """Build from ``(start, end, row, rank)`` runs; empty runs are dropped."""
         segs = sorted(tuple(int(v) for v in s) for s in segments if s[1] > s[0])
         max_rank = max((s[3] for s in segs), default=0)
         out = cls(num_tokens=num_tokens, segments=segs, max_rank=max_rank)  # type: ignore[arg-type]
         if segs:
-            out.seg_start, out.seg_len, out.seg_row, out.seg_rank = _upload_segments(segs, device)
-            groups = split(segs, max_rank) if split is not None else None
-            if groups is not None:
-                short, long = (
-                    SegmentGroup(_upload_segments(g, device), sum(e - s for s, e, _, _ in g)) for g in groups
-                )
-                out.split = (short, long)
+            # Rows padded to 4 entries (16 bytes): each field starts aligned, as the runner's uploads
+            # do, since the GPU kernels compile one variant per pointer alignment.
+            n = len(segs)
+            t = torch.zeros(4, -(-n // 4) * 4, dtype=torch.int32)
+            t[:, :n] = torch.tensor(segs, dtype=torch.int32).T
+            t = t.to(device, non_blocking=True)[:, :n]
+            out.seg_start, out.seg_len, out.seg_row, out.seg_rank = t[0], t[1] - t[0], t[2], t[3]
         return out
 
     def dense_mask(
@@ -156,16 +132,6 @@ class LoRASegments:
             mask = by_row.repeat_interleave(num_slices, dim=1).to(device)
             self._dense_mask[key] = mask
         return mask
-
-
-def _upload_segments(segs: Sequence[tuple[int, int, int, int]], device: torch.device | str) -> SegmentTensors:
-    # Rows padded to 4 entries (16 bytes): each field starts aligned, as the runner's uploads do,
-    # since the GPU kernels compile one variant per pointer alignment.
-    n = len(segs)
-    t = torch.zeros(4, -(-n // 4) * 4, dtype=torch.int32)
-    t[:, :n] = torch.tensor(segs, dtype=torch.int32).T
-    t = t.to(device, non_blocking=True)[:, :n]
-    return t[0], t[1] - t[0], t[2], t[3]
 
 
 def max_rank_bucket(rank: int) -> int:

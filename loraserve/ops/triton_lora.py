@@ -44,7 +44,6 @@ segments into the same tensors before replay. The ops never read ``meta.segments
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loraserve.ops.lora import LoRASegments, Segment, SegmentTensors
+from loraserve.ops.lora import LoRASegments, SegmentTensors
 
 # Triton's interpreter (TRITON_INTERPRET=1, up to at least 3.9) stores bf16 as uint16 and feeds the raw
 # bits to np.matmul in tl.dot. Under the interpreter the kernels therefore upcast dot operands to fp32
@@ -111,10 +110,10 @@ class _Launch:
     The arguments are ``(*head, *tail)``: ``head`` the tensors that change from layer to layer (``x``,
     ``a``, ``t``, or ``y``, ``t``, ``b``), ``tail`` the segment tensors and integers the step's layers of
     one kind share. ``kernel[grid](...)`` binds every argument, computes Triton's specialization key,
-    looks the variant up and gathers launch hooks on every call, and the ops' own Python around it
-    costs as much again: together ~110 us of host time per shrink + expand on the H200 machine's CPU,
-    which made a 7B model's mixed prefill/decode steps wait on the host (28-41 ms of launches per step,
-    benchmarks/RESULTS.md). Here the configuration, grid and the tail's key are computed once per step
+    looks the variant up and gathers launch hooks on every call, and the ops worked out their
+    configuration and arguments again for every layer: 118 us of host time per shrink + expand on one
+    H200 machine's CPU, which made a 7B model's mixed prefill/decode steps wait on the host (28-41 ms
+    of launches per step, benchmarks/RESULTS.md). Here the configuration, grid and the tail's key are computed once per step
     and kind, and a variant is looked up by a key that refines Triton's (:func:`_arg_key`: each head
     tensor's dtype and alignment, the tail's, the constexprs and launch options) and launched through
     its own launcher, the way PyTorch Inductor launches Triton kernels. A new key goes through
@@ -232,32 +231,12 @@ def _block_m(num_tokens: int, num_segs: int) -> int:
     return 32 if mean <= 48 else 64
 
 
-# Which family serves batches whose ranks fit the decode kernels: "auto" (the heuristic below), "split"
-# (the heuristic, and eager steps split by segment length: split_segments), "decode" or "tiled". A knob
-# for measuring the families against each other in the engine (benchmarks/RESULTS.md), read at import.
+# Which family serves batches whose ranks fit the decode kernels: "auto" (the heuristic below),
+# "decode" or "tiled". A knob for measuring the families against each other in the engine
+# (benchmarks/RESULTS.md, run 7), read once at import.
 KERNEL_FAMILY = os.environ.get("LORASERVE_LORA_KERNELS", "auto")
-if KERNEL_FAMILY not in ("auto", "split", "decode", "tiled"):
-    raise ValueError(f"LORASERVE_LORA_KERNELS must be auto, split, decode or tiled, got {KERNEL_FAMILY!r}")
-
-
-def split_segments(segments: list[Segment], max_rank: int) -> tuple[list[Segment], list[Segment]] | None:
-    """``(short, long)``: a step's segments of at most ``DECODE_BLOCK_M`` tokens and the rest, when
-    :data:`KERNEL_FAMILY` is ``"split"``, the step has both and the decode kernels hold ``max_rank``;
-    else None (one family for the step).
-
-    A mixed step (decode rows of many adapters beside a few prefill chunks) averages tens to hundreds
-    of tokens per segment, so the heuristic gives the whole step the tiled kernels; split, the decode
-    rows run on the decode kernels and the prefill chunks on the tiled ones (two launches per op, on
-    disjoint rows of ``t`` and ``y``). Measured on the H200, the split lost: one layer's qkv at 1,800
-    tokens over 52 segments took 105 instead of 91 us, and with 128 adapters the anchor workload's
-    mixed steps took longer (benchmarks/RESULTS.md, seventh session), so it is not the default.
-    """
-    if KERNEL_FAMILY != "split" or max_rank > MAX_DECODE_RANK:
-        return None
-    short = [s for s in segments if s[1] - s[0] <= DECODE_BLOCK_M]
-    if not short or len(short) == len(segments):
-        return None
-    return short, [s for s in segments if s[1] - s[0] > DECODE_BLOCK_M]
+if KERNEL_FAMILY not in ("auto", "decode", "tiled"):
+    raise ValueError(f"LORASERVE_LORA_KERNELS must be auto, decode or tiled, got {KERNEL_FAMILY!r}")
 
 
 def _use_decode(num_tokens: int, num_segs: int, max_rank: int) -> bool:
@@ -311,17 +290,6 @@ def tiled_expand_config(num_tokens: int, num_segs: int, max_rank: int) -> Expand
     return ExpandConfig(block_m, block_n, block_r, num_warps=8 if block_m == 64 else 4)
 
 
-def decode_shrink_config(elem_size: int, num_sms: int) -> DecodeShrinkConfig:
-    """The decode shrink's defaults: a few programs per SM; 256 bytes of each row per K step
-    (``[16, block_k]`` tiles of ``x`` and A, 4 KB of A per step)."""
-    return DecodeShrinkConfig(programs=_DECODE_SHRINK_PROGRAMS_PER_SM * num_sms, block_k=256 // elem_size)
-
-
-def decode_expand_config(elem_size: int, num_sms: int) -> DecodeExpandConfig:
-    """The decode expand's defaults: a few programs per SM; 8 KB of B per loop step."""
-    return DecodeExpandConfig(programs=_DECODE_EXPAND_PROGRAMS_PER_SM * num_sms, b_tile=8192 // elem_size)
-
-
 @functools.lru_cache(maxsize=256)
 def shrink_config(
     num_tokens: int,
@@ -334,7 +302,8 @@ def shrink_config(
 ) -> ShrinkConfig | DecodeShrinkConfig:
     """Default shrink configuration: decode kernel for decode-like batches, else tiled."""
     if _use_decode(num_tokens, num_segs, max_rank):
-        return decode_shrink_config(elem_size, num_sms)
+        # 256 bytes of each row per K step: [16, block_k] tiles of x and A, 4 KB of A per step.
+        return DecodeShrinkConfig(programs=_DECODE_SHRINK_PROGRAMS_PER_SM * num_sms, block_k=256 // elem_size)
     return tiled_shrink_config(num_tokens, num_segs, in_features, num_slices, max_rank, elem_size, num_sms)
 
 
@@ -344,7 +313,8 @@ def expand_config(
 ) -> ExpandConfig | DecodeExpandConfig:
     """Default expand configuration: decode kernel for decode-like batches, else tiled."""
     if _use_decode(num_tokens, num_segs, max_rank):
-        return decode_expand_config(elem_size, num_sms)
+        # 8 KB of B per loop step: 4096 bf16/fp16 or 2048 fp32 elements.
+        return DecodeExpandConfig(programs=_DECODE_EXPAND_PROGRAMS_PER_SM * num_sms, b_tile=8192 // elem_size)
     return tiled_expand_config(num_tokens, num_segs, max_rank)
 
 
@@ -893,88 +863,18 @@ def lora_shrink_triton(
         x: ``[T, in]`` activations (fp32/bf16/fp16, same dtype as ``a``).
         a: ``[R, S, in]`` A pool of one layer.
         meta: the step's segments; only the device tensors and ``max_rank`` are used (may be padded
-            with zero-length segments, see the module docstring). With ``meta.split`` each group
-            runs on its family (:func:`split_segments`) and ``config`` is not used.
+            with zero-length segments, see the module docstring).
         config: kernel and tile sizes; default :func:`shrink_config`.
     Returns:
         ``t``: ``[S, T, max_rank]`` float32; rows of base tokens and columns past a segment's rank are 0.
     """
-    num_slices = a.shape[1]
-    if a.stride(2) != 1 or (num_slices > 1 and a.stride(0) != num_slices * a.stride(1)):
-        raise ValueError("a must be contiguous in its last two dims (an adapter's rows form one block)")
+    _check_a(a)
     # Zeroed: both kernels may split K and atomic_add (the decode one decides at run time).
-    t = meta.zeroed_t(num_slices, x.shape[0], x.device)
-    if _segment_tensors(meta) is None or x.shape[0] == 0 or meta.max_rank == 0:
-        return t
-    for launch in _shrink_launches(x, a, t, meta, config):
-        launch(x, a, t)
+    t = meta.zeroed_t(a.shape[1], x.shape[0], x.device)
+    segs = _segment_tensors(meta)
+    if segs is not None and x.shape[0] and meta.max_rank:
+        _shrink_launch(x, a, t, segs, meta.max_rank, config)(x, a, t)
     return t
-
-
-def _groups(meta: LoRASegments, num_tokens: int) -> list[tuple[SegmentTensors, int, bool]]:
-    """``(segment tensors, tokens they cover, decode family forced)`` of each launch of an op."""
-    if meta.split is None:
-        segs = _segment_tensors(meta)
-        assert segs is not None
-        return [(segs, num_tokens, False)]
-    short, long = meta.split
-    return [(short.tensors, short.num_tokens, True), (long.tensors, long.num_tokens, False)]
-
-
-def _shrink_launches(
-    x: torch.Tensor,
-    a: torch.Tensor,
-    t: torch.Tensor,
-    meta: LoRASegments,
-    config: ShrinkConfig | DecodeShrinkConfig | None,
-) -> list[_Launch]:
-    """The shrink launches of this step for ``x``/``a``/``t`` shaped as given (one per segment group)."""
-    in_features = x.shape[1]
-    num_slices = a.shape[1]
-    elem = x.element_size()
-    sms = _num_sms(x.device)
-    precision, upcast = _dot_args(x.dtype)
-    launches = []
-    for segs, num_tokens, decode in _groups(meta, x.shape[0]):
-        num_segs = segs[0].numel()
-        if decode:
-            cfg: ShrinkConfig | DecodeShrinkConfig = decode_shrink_config(elem, sms)
-        else:
-            cfg = config or shrink_config(
-                num_tokens, num_segs, in_features, num_slices, meta.max_rank, elem, sms
-            )
-        tail: tuple = (
-            *segs,
-            num_segs,
-            in_features,
-            x.stride(0),
-            x.stride(1),
-            a.stride(1) if num_slices > 1 else a.stride(0),
-            *t.stride(),
-        )
-        consts = dict(
-            NUM_SLICES=num_slices,
-            BLOCK_K=cfg.block_k,
-            BLOCK_SEG=_block_seg(num_segs),
-            EVEN_K=in_features % cfg.block_k == 0,
-            PRECISION=precision,
-            UPCAST=upcast,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
-        if isinstance(cfg, DecodeShrinkConfig):
-            consts.update(BLOCK_M=DECODE_BLOCK_M, BLOCK_N=DECODE_SHRINK_BLOCK_N)
-            grid = _decode_grid(cfg.programs, num_tokens, num_segs)
-            launches.append(_Launch(_shrink_decode_kernel, grid, tail, consts))
-        else:
-            consts.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
-            grid = (
-                _cdiv(num_tokens, cfg.block_m) + num_segs,
-                _cdiv(num_slices * meta.max_rank, cfg.block_n),
-                cfg.split_k,
-            )
-            launches.append(_Launch(_shrink_kernel, grid, (*tail, cfg.split_k), consts))
-    return launches
 
 
 def lora_expand_triton(
@@ -986,9 +886,8 @@ def lora_expand_triton(
 ) -> None:
     """Expand in place: ``y[i0:i1, off_s:off_s+out_s] += t[s, i0:i1, :r] @ b[s][row:row+r]``.
 
-    One launch for all slices (one per group with ``meta.split``, where ``config`` is not used); each
-    slice's product lands in its own column range of ``y``. Reads ``t`` only on segment rows and below
-    each segment's rank.
+    One launch for all slices; each slice's product lands in its own column range of ``y``. Reads
+    ``t`` only on segment rows and below each segment's rank.
 
     Args:
         y: ``[T, sum_s out_s]`` output of the base projection (fp32/bf16/fp16, last dim contiguous).
@@ -1000,104 +899,11 @@ def lora_expand_triton(
         config: kernel and tile sizes; default :func:`expand_config`. The decode kernel needs
             ``meta.max_rank <= MAX_DECODE_RANK``.
     """
-    if _segment_tensors(meta) is None or y.shape[0] == 0 or meta.max_rank == 0:
+    segs = _segment_tensors(meta)
+    if segs is None or y.shape[0] == 0 or meta.max_rank == 0:
         return
-    if not 1 <= len(b) <= _MAX_SLICES:
-        raise ValueError(f"expand supports 1..{_MAX_SLICES} slices, got {len(b)}")
-    if y.stride(1) != 1 or any(b_s.stride(1) != 1 for b_s in b):
-        raise ValueError("y and b[s] must be contiguous along their last dim")
-    head = (y, t, *b, *[b[0]] * (_MAX_SLICES - len(b)))
-    for launch in _expand_launches(y, t, b, meta, config):
-        launch(*head)
-
-
-def _expand_launches(
-    y: torch.Tensor,
-    t: torch.Tensor,
-    b: Sequence[torch.Tensor],
-    meta: LoRASegments,
-    config: ExpandConfig | DecodeExpandConfig | None,
-) -> list[_Launch]:
-    """The expand launches of this step for ``y``/``t``/``b`` shaped as given (one per segment group)."""
-    num_slices = len(b)
-    elem = b[0].element_size()
-    sms = _num_sms(y.device)
-    outs = [b_s.shape[1] for b_s in b] + [0] * (_MAX_SLICES - num_slices)
-    strides = [b_s.stride(0) for b_s in b] + [b[0].stride(0)] * (_MAX_SLICES - num_slices)
-    precision, upcast = _dot_args(b[0].dtype)
-    launches = []
-    for segs, num_tokens, decode in _groups(meta, y.shape[0]):
-        num_segs = segs[0].numel()
-        if decode:
-            cfg: ExpandConfig | DecodeExpandConfig = decode_expand_config(elem, sms)
-        else:
-            cfg = config or expand_config(num_tokens, num_segs, meta.max_rank, elem, sms)
-        consts = dict(
-            NUM_SLICES=num_slices,
-            BLOCK_SEG=_block_seg(num_segs),
-            PRECISION=precision,
-            UPCAST=upcast,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
-        t_strides = (y.stride(0), *t.stride())
-        if isinstance(cfg, DecodeExpandConfig):
-            if meta.max_rank > MAX_DECODE_RANK:
-                raise ValueError(
-                    f"the decode expand supports max_rank <= {MAX_DECODE_RANK}, got {meta.max_rank}"
-                )
-            # Every rank chunk, whatever the step's max_rank: one compiled variant per layer shape, so
-            # that eager steps (max_rank bucketed from their segments) run the variant the CUDA graphs
-            # (max_rank = the pool's) compiled, instead of compiling their own mid-run (run 5: 1.7 s).
-            consts.update(BLOCK_M=DECODE_BLOCK_M, NUM_CHUNKS=_DECODE_CHUNKS, B_TILE=cfg.b_tile)
-            grid: tuple[int, ...] = _decode_grid(cfg.programs, num_tokens, num_segs)
-            tail = (*segs, num_segs, *outs, *strides, *t_strides)
-            launches.append(_Launch(_expand_decode_kernel, grid, tail, consts))
-        else:
-            nblks = [_cdiv(o, cfg.block_n) for o in outs]
-            consts.update(
-                BLOCK_M=cfg.block_m,
-                BLOCK_N=cfg.block_n,
-                BLOCK_R=cfg.block_r,
-                ALIGNED=all(v % 16 == 0 for v in [*outs, *strides[:num_slices]]),
-            )
-            grid = (_cdiv(num_tokens, cfg.block_m) + num_segs, sum(nblks))
-            tail = (*segs, num_segs, *outs, nblks[0], nblks[1], *strides, *t_strides)
-            launches.append(_Launch(_expand_kernel, grid, tail, consts))
-    return launches
-
-
-def warm_up(
-    layers: dict[str, tuple[torch.Tensor, Sequence[torch.Tensor]]], max_lora_rank: int, dtype: torch.dtype
-) -> int:
-    """Compile, before serving, every kernel variant an eager step can pick, so that no step stalls on a
-    compile (~1 s each; a variant first needed mid-run cost a benchmark step 2 s).
-
-    Variants follow the layer kind, the kernel family / ``BLOCK_M`` (from mean tokens per segment:
-    <= 16, <= 48, more; or both families in a step split by :func:`split_segments`) and ``max_rank`` (bucketed, up to ``max_lora_rank``'s bucket); the split
-    counts and segment count are not specialized on. ``layers``: each LoRA layer kind's ``(a, b)``
-    pools (one layer's; read only: ``x`` is 0, so ``y`` stays 0). Returns the calls made.
-    """
-    calls = 0
-    a0 = next(iter(layers.values()))[0]
-    max_bucket = max(16, _next_power_of_2(max_lora_rank))
-    ranks = [r for r in (16, 32, 64, 128, 256, 512) if r <= max_bucket]
-    # Segment lengths: decode-like (mean 1), BLOCK_M 32 (mean 32), BLOCK_M 64 (mean 128), and a
-    # mixed step of both kinds (split by length when the ranks allow).
-    for lengths in ([1] * 16, [32] * 2, [128], [1] * 4 + [128]):
-        num_tokens = sum(lengths)
-        ends = list(itertools.accumulate(lengths))
-        for rank in ranks:
-            rank_in_pool = min(rank, a0.shape[0])
-            segments = [(end - n, end, 0, rank_in_pool) for n, end in zip(lengths, ends, strict=True)]
-            meta = LoRASegments.build(segments, num_tokens, device=a0.device, split=split_segments)
-            meta.max_rank = rank
-            for a, b in layers.values():
-                x = torch.zeros(num_tokens, a.shape[2], dtype=dtype, device=a.device)
-                y = torch.zeros(num_tokens, sum(b_s.shape[1] for b_s in b), dtype=dtype, device=a.device)
-                lora_apply_triton(y, x, a, b, meta)
-                calls += 1
-    return calls
+    _check_expand(y, b)
+    _expand_launch(y, t, b, segs, meta.max_rank, config)(*_expand_head(y, t, b))
 
 
 def lora_apply_triton(
@@ -1107,32 +913,168 @@ def lora_apply_triton(
 
     Shapes as in :func:`lora_shrink_triton` / :func:`lora_expand_triton`. Launches the kernels whenever
     the segment tensors exist (even if all are zero-length padding), so it is safe to capture in a
-    CUDA graph. The launches are planned once per step and layer shape (``meta.op_cache``) and reused by
-    every layer of that shape, so that a layer costs little more host time than its launches.
+    CUDA graph. The two launches are planned once per step and layer shape (``meta.op_cache``) and
+    reused by every layer of that shape, so that a layer costs little more host time than its launches.
     """
-    if _segment_tensors(meta) is None:
+    segs = _segment_tensors(meta)
+    if segs is None:
         return
-    num_slices = a.shape[1]
-    t = meta.zeroed_t(num_slices, x.shape[0], x.device)
+    t = meta.zeroed_t(a.shape[1], x.shape[0], x.device)
     key = ("lora", x.shape, x.stride(), a.shape, y.shape, y.stride(0), len(b), x.dtype)
-    plan = meta.op_cache.get(key)
-    if plan is None:
-        if x.shape[0] == 0 or meta.max_rank == 0:
-            plan = ((), ())
-        else:
-            if a.stride(2) != 1 or (num_slices > 1 and a.stride(0) != num_slices * a.stride(1)):
-                raise ValueError(
-                    "a must be contiguous in its last two dims (an adapter's rows form one block)"
-                )
-            if not 1 <= len(b) <= _MAX_SLICES:
-                raise ValueError(f"expand supports 1..{_MAX_SLICES} slices, got {len(b)}")
-            if y.stride(1) != 1 or any(b_s.stride(1) != 1 for b_s in b):
-                raise ValueError("y and b[s] must be contiguous along their last dim")
-            plan = (_shrink_launches(x, a, t, meta, None), _expand_launches(y, t, b, meta, None))
+    if key in meta.op_cache:
+        plan = meta.op_cache[key]
+    else:
+        _check_a(a)
+        _check_expand(y, b)
+        plan = None
+        if x.shape[0] and meta.max_rank:
+            plan = (
+                _shrink_launch(x, a, t, segs, meta.max_rank, None),
+                _expand_launch(y, t, b, segs, meta.max_rank, None),
+            )
         meta.op_cache[key] = plan
-    for launch in plan[0]:
-        launch(x, a, t)
-    if plan[1]:
-        head = (y, t, *b, *[b[0]] * (_MAX_SLICES - len(b)))
-        for launch in plan[1]:
-            launch(*head)
+    if plan is not None:
+        plan[0](x, a, t)
+        plan[1](*_expand_head(y, t, b))
+
+
+def _check_a(a: torch.Tensor) -> None:
+    if a.stride(2) != 1 or (a.shape[1] > 1 and a.stride(0) != a.shape[1] * a.stride(1)):
+        raise ValueError("a must be contiguous in its last two dims (an adapter's rows form one block)")
+
+
+def _check_expand(y: torch.Tensor, b: Sequence[torch.Tensor]) -> None:
+    if not 1 <= len(b) <= _MAX_SLICES:
+        raise ValueError(f"expand supports 1..{_MAX_SLICES} slices, got {len(b)}")
+    if y.stride(1) != 1 or any(b_s.stride(1) != 1 for b_s in b):
+        raise ValueError("y and b[s] must be contiguous along their last dim")
+
+
+def _expand_head(y: torch.Tensor, t: torch.Tensor, b: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The expand kernels' tensor arguments: ``y``, ``t`` and _MAX_SLICES B pointers (unused ones
+    repeat ``b[0]`` and are never read)."""
+    return (y, t, *b, *[b[0]] * (_MAX_SLICES - len(b)))
+
+
+def _shrink_launch(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    t: torch.Tensor,
+    segs: SegmentTensors,
+    max_rank: int,
+    config: ShrinkConfig | DecodeShrinkConfig | None,
+) -> _Launch:
+    """The shrink launch of this step for ``x``/``a``/``t`` shaped as given (see :class:`_Launch`)."""
+    num_tokens, in_features = x.shape
+    num_slices = a.shape[1]
+    num_segs = segs[0].numel()
+    cfg = config or shrink_config(
+        num_tokens, num_segs, in_features, num_slices, max_rank, x.element_size(), _num_sms(x.device)
+    )
+    precision, upcast = _dot_args(x.dtype)
+    tail: tuple = (
+        *segs,
+        num_segs,
+        in_features,
+        x.stride(0),
+        x.stride(1),
+        a.stride(1) if num_slices > 1 else a.stride(0),
+        *t.stride(),
+    )
+    consts = dict(
+        NUM_SLICES=num_slices,
+        BLOCK_K=cfg.block_k,
+        BLOCK_SEG=_block_seg(num_segs),
+        EVEN_K=in_features % cfg.block_k == 0,
+        PRECISION=precision,
+        UPCAST=upcast,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    if isinstance(cfg, DecodeShrinkConfig):
+        consts.update(BLOCK_M=DECODE_BLOCK_M, BLOCK_N=DECODE_SHRINK_BLOCK_N)
+        return _Launch(_shrink_decode_kernel, _decode_grid(cfg.programs, num_tokens, num_segs), tail, consts)
+    consts.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+    grid = (
+        _cdiv(num_tokens, cfg.block_m) + num_segs,
+        _cdiv(num_slices * max_rank, cfg.block_n),
+        cfg.split_k,
+    )
+    return _Launch(_shrink_kernel, grid, (*tail, cfg.split_k), consts)
+
+
+def _expand_launch(
+    y: torch.Tensor,
+    t: torch.Tensor,
+    b: Sequence[torch.Tensor],
+    segs: SegmentTensors,
+    max_rank: int,
+    config: ExpandConfig | DecodeExpandConfig | None,
+) -> _Launch:
+    """The expand launch of this step for ``y``/``t``/``b`` shaped as given (see :class:`_Launch`)."""
+    num_tokens = y.shape[0]
+    num_slices = len(b)
+    num_segs = segs[0].numel()
+    cfg = config or expand_config(num_tokens, num_segs, max_rank, b[0].element_size(), _num_sms(y.device))
+    outs = [b_s.shape[1] for b_s in b] + [0] * (_MAX_SLICES - num_slices)
+    strides = [b_s.stride(0) for b_s in _expand_head(y, t, b)[2:]]
+    precision, upcast = _dot_args(b[0].dtype)
+    consts = dict(
+        NUM_SLICES=num_slices,
+        BLOCK_SEG=_block_seg(num_segs),
+        PRECISION=precision,
+        UPCAST=upcast,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    t_strides = (y.stride(0), *t.stride())
+    if isinstance(cfg, DecodeExpandConfig):
+        if max_rank > MAX_DECODE_RANK:
+            raise ValueError(f"the decode expand supports max_rank <= {MAX_DECODE_RANK}, got {max_rank}")
+        # Every rank chunk, whatever the step's max_rank: one compiled variant per layer shape, so
+        # that eager steps (max_rank bucketed from their segments) run the variant the CUDA graphs
+        # (max_rank = the pool's) compiled, instead of compiling their own mid-run (run 5: 1.7 s).
+        consts.update(BLOCK_M=DECODE_BLOCK_M, NUM_CHUNKS=_DECODE_CHUNKS, B_TILE=cfg.b_tile)
+        tail = (*segs, num_segs, *outs, *strides, *t_strides)
+        return _Launch(_expand_decode_kernel, _decode_grid(cfg.programs, num_tokens, num_segs), tail, consts)
+    nblks = [_cdiv(o, cfg.block_n) for o in outs]
+    consts.update(
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_R=cfg.block_r,
+        ALIGNED=all(v % 16 == 0 for v in [*outs, *strides[:num_slices]]),
+    )
+    grid = (_cdiv(num_tokens, cfg.block_m) + num_segs, sum(nblks))
+    tail = (*segs, num_segs, *outs, nblks[0], nblks[1], *strides, *t_strides)
+    return _Launch(_expand_kernel, grid, tail, consts)
+
+
+def warm_up(
+    layers: dict[str, tuple[torch.Tensor, Sequence[torch.Tensor]]], max_lora_rank: int, dtype: torch.dtype
+) -> int:
+    """Compile, before serving, every kernel variant an eager step can pick, so that no step stalls on a
+    compile (~1 s each; a variant first needed mid-run cost a benchmark step 2 s).
+
+    Variants follow the layer kind, the kernel family / ``BLOCK_M`` (from mean tokens per segment:
+    <= 16, <= 48, more) and ``max_rank`` (bucketed, up to ``max_lora_rank``'s bucket); the split
+    counts and segment count are not specialized on. ``layers``: each LoRA layer kind's ``(a, b)``
+    pools (one layer's; read only: ``x`` is 0, so ``y`` stays 0). Returns the calls made.
+    """
+    calls = 0
+    a0 = next(iter(layers.values()))[0]
+    max_bucket = max(16, _next_power_of_2(max_lora_rank))
+    ranks = [r for r in (16, 32, 64, 128, 256, 512) if r <= max_bucket]
+    # (tokens, segments): decode-like (mean 1), BLOCK_M 32 (mean 32), BLOCK_M 64 (mean 128).
+    for num_tokens, num_segs in ((16, 16), (64, 2), (128, 1)):
+        per = num_tokens // num_segs
+        for rank in ranks:
+            rank_in_pool = min(rank, a0.shape[0])
+            segments = [(i * per, (i + 1) * per, 0, rank_in_pool) for i in range(num_segs)]
+            meta = LoRASegments.build(segments, num_tokens, device=a0.device)
+            meta.max_rank = rank
+            for a, b in layers.values():
+                x = torch.zeros(num_tokens, a.shape[2], dtype=dtype, device=a.device)
+                y = torch.zeros(num_tokens, sum(b_s.shape[1] for b_s in b), dtype=dtype, device=a.device)
+                lora_apply_triton(y, x, a, b, meta)
+                calls += 1
+    return calls

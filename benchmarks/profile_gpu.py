@@ -181,6 +181,13 @@ def main() -> None:
         action="store_true",
         help="profile only prefill / mixed workload steps, with their host functions",
     )
+    ap.add_argument(
+        "--mixed-ranks",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also profile (e): as many adapters with these ranks in turn (e.g. 8 16 32 64)",
+    )
     ap.add_argument("--skip-base", action="store_true", help="skip the engine without LoRA")
     ap.add_argument("--out", default="benchmarks/results/profile.json")
     args = ap.parse_args()
@@ -224,6 +231,23 @@ def main() -> None:
             r = workload_profile(llm, args.workload_requests, names, args.top, args.mixed)
             results["d_workload"] = r
             show(f"(d) workload window ({window}), {len(names)} adapters", r)
+        if args.mixed_ranks:
+            ranks = args.mixed_ranks
+            e_names = [f"e{i}" for i in range(args.lora_adapters)]
+            for i, name in enumerate(e_names):
+                weights = random_adapter(
+                    name, ranks[i % len(ranks)], 5000 + i, mcfg.lora_shapes(), mcfg.num_layers
+                )
+                llm.engine.store.register_weights(name, weights)
+            label = f"{len(e_names)} adapters, ranks {ranks}"
+            for b in args.batches:
+                r = decode_profile(llm, b, args.ctx, e_names, args.top)
+                results[f"e_decode_{b}"] = r
+                show(f"(e) decode batch {b}, {label}", r)
+            if args.workload_requests:
+                r = workload_profile(llm, args.workload_requests, e_names, args.top, args.mixed)
+                results["e_workload"] = r
+                show(f"(e) workload window ({window}), {label}", r)
     out.write_text(json.dumps(results, indent=2))
 
 

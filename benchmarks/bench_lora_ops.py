@@ -103,7 +103,7 @@ def make_inputs(
     outs: list[int],
     num_tokens: int,
     num_adapters: int,
-    rank: int,
+    rank: int | Sequence[int],
     *,
     num_layers: int = 1,
     capacity: int = 0,
@@ -112,31 +112,36 @@ def make_inputs(
 ) -> Inputs:
     """Pools holding exactly the active adapters, in shuffled row order; one run of tokens each.
 
+    ``rank``: every adapter's, or a list that adapter ``i`` takes entry ``i % len`` of (mixed ranks).
     ``capacity``: pad the segment tensors with zero-length segments to this size (a CUDA graph's
     ``N_cap``); ``max_rank``: the ``max_rank`` to run with instead of ``rank``; ``lengths``: each
     adapter's tokens (default: ``num_tokens`` split evenly).
     """
     gen = torch.Generator().manual_seed(0)
     num_slices = len(outs)
-    rows = num_adapters * rank
+    choices = [rank] if isinstance(rank, int) else list(rank)
+    ranks = [choices[i % len(choices)] for i in range(num_adapters)]
+    rows = sum(ranks)
     x = torch.randn(num_tokens, in_features, device="cuda", dtype=DTYPE)
     a = [
         torch.randn(rows, num_slices, in_features, device="cuda", dtype=DTYPE) / in_features**0.5
         for _ in range(num_layers)
     ]
     b = [
-        [torch.randn(rows, o, device="cuda", dtype=DTYPE) / rank**0.5 for o in outs]
+        [torch.randn(rows, o, device="cuda", dtype=DTYPE) / max(ranks) ** 0.5 for o in outs]
         for _ in range(num_layers)
     ]
     y = torch.randn(num_tokens, sum(outs), device="cuda", dtype=DTYPE)
     order = torch.randperm(num_adapters, generator=gen).tolist()
+    # Pool rows: adapters packed in shuffled order, so neighbours in the batch are not in the pool.
+    first_row = dict(zip(order, itertools.accumulate((ranks[i] for i in order), initial=0), strict=False))
     if lengths is None:
         lengths = [
             (i + 1) * num_tokens // num_adapters - i * num_tokens // num_adapters for i in range(num_adapters)
         ]
     ends = list(itertools.accumulate(lengths))
     segments = [
-        (end - n, end, order[i] * rank, rank) for i, (n, end) in enumerate(zip(lengths, ends, strict=True))
+        (end - n, end, first_row[i], ranks[i]) for i, (n, end) in enumerate(zip(lengths, ends, strict=True))
     ]
     meta = lora.LoRASegments.build(segments, num_tokens, device="cuda")
     if capacity:
@@ -149,8 +154,8 @@ def make_inputs(
     elem = x.element_size()
     min_bytes = elem * (
         num_tokens * in_features  # x
-        + num_adapters * rank * num_slices * in_features  # A rows
-        + num_adapters * rank * sum(outs)  # B rows
+        + rows * num_slices * in_features  # A rows
+        + rows * sum(outs)  # B rows
         + 2 * num_tokens * sum(outs)  # y read + write
     )
     return Inputs(x, a, b, y, meta, min_bytes)
@@ -393,7 +398,8 @@ def run_decode(args: argparse.Namespace, timer: Timer, copy_bw: float, num_sms: 
         + f" {'%copy':>6} | {'speedup':>7}"
     )
     print(
-        f"decode: us per layer copy ({args.layers} copies per graph), rank {args.rank}, max_rank {DECODE_MAX_RANK}"
+        f"decode: us per layer copy ({args.layers} copies per graph), rank {args.ranks or args.rank}, "
+        f"max_rank {DECODE_MAX_RANK}"
     )
     print(header)
     print("-" * len(header))
@@ -408,8 +414,8 @@ def run_decode(args: argparse.Namespace, timer: Timer, copy_bw: float, num_sms: 
             f"{old['apply'] / new['apply']:6.2f}x"
         )
 
-    for num_tokens in DECODE_TOKENS:
-        for num_adapters in (n for n in DECODE_ADAPTERS if n <= num_tokens):
+    for num_tokens in args.decode_tokens:
+        for num_adapters in (n for n in args.decode_adapters if n <= num_tokens):
             total = {"old": dict.fromkeys(kinds, 0.0), "new": dict.fromkeys(kinds, 0.0)}
             total_bytes = 0
             for layer, (in_features, outs) in LAYERS.items():
@@ -418,7 +424,7 @@ def run_decode(args: argparse.Namespace, timer: Timer, copy_bw: float, num_sms: 
                     outs,
                     num_tokens,
                     num_adapters,
-                    args.rank,
+                    args.ranks or args.rank,
                     num_layers=args.layers,
                     capacity=num_tokens,
                     max_rank=DECODE_MAX_RANK,
@@ -435,7 +441,7 @@ def run_decode(args: argparse.Namespace, timer: Timer, copy_bw: float, num_sms: 
                     "tokens": num_tokens,
                     "adapters": num_adapters,
                     "capacity": num_tokens,
-                    "rank": args.rank,
+                    "rank": args.ranks or args.rank,
                     "max_rank": DECODE_MAX_RANK,
                     "layer": layer,
                     "in_features": in_features,
@@ -538,6 +544,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument(
+        "--ranks", type=int, nargs="+", help="decode suite: adapters take these ranks in turn (mixed ranks)"
+    )
+    parser.add_argument("--decode-tokens", type=int, nargs="+", default=list(DECODE_TOKENS))
+    parser.add_argument("--decode-adapters", type=int, nargs="+", default=list(DECODE_ADAPTERS))
     parser.add_argument("--layers", type=int, default=32, help="decode suite: pool copies per graph")
     parser.add_argument("--sweep", action="store_true", help="also search a small grid of configs")
     parser.add_argument("--scenarios", nargs="*", choices=sorted(SCENARIOS), help="eager suite: only these")

@@ -21,6 +21,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 from loraserve.ops import triton_lora  # noqa: E402
 from loraserve.ops.lora import LoRASegments, lora_apply, lora_expand, lora_shrink  # noqa: E402
@@ -30,6 +31,7 @@ from loraserve.ops.triton_lora import (  # noqa: E402
     DecodeShrinkConfig,
     ExpandConfig,
     ShrinkConfig,
+    _decode_tile,
     _shrink_kernel,
     expand_config,
     lora_apply_triton,
@@ -369,6 +371,47 @@ def test_decode_kernels_long_segment(configs: str) -> None:
     )
     assert isinstance(_default_shrink_config(case), DecodeShrinkConfig)
     _run_all(case, dtype, *DECODE_CONFIGS.get(configs, (None, None)))
+
+
+@triton.jit
+def _decode_tile_probe(
+    seg_len_ptr, seg_rank_ptr, num_segs, out_ptr, BLOCK_SEG: tl.constexpr, SLICES: tl.constexpr
+):
+    seg, m0, q, share = _decode_tile(seg_len_ptr, seg_rank_ptr, num_segs, 16, BLOCK_SEG, SLICES)
+    out = out_ptr + tl.program_id(0) * 4
+    tl.store(out, seg)
+    tl.store(out + 1, m0)
+    tl.store(out + 2, q)
+    tl.store(out + 3, share)
+
+
+@pytest.mark.parametrize("slices", [0, 1, 3])
+def test_decode_programs_cover_tiles_by_work(slices: int) -> None:
+    """The decode kernels' program map: every 16-token tile of every segment gets programs ``0..share-1``
+    exactly once, a tile that streams more weight bytes (higher rank) gets at least as many, and the
+    shares fit the grid. ``slices`` > 0: the shrink's weights (fused column tiles); 0: the expand's."""
+    lens = [1, 3, 20, 2, 40, 1, 0, 0]  # two zero-length padding entries, as CUDA graphs pass them
+    ranks = [8, 64, 16, 33, 4, 128, 0, 0]
+    seg_len = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    seg_rank = torch.tensor(ranks, dtype=torch.int32, device=DEVICE)
+    grid = 60
+    out = torch.full((grid, 4), -1, dtype=torch.int32, device=DEVICE)
+    _decode_tile_probe[(grid,)](seg_len, seg_rank, len(lens), out, BLOCK_SEG=16, SLICES=slices)
+    share_of: dict[tuple[int, int], int] = {}
+    seen: dict[tuple[int, int], list[int]] = {}
+    for seg, m0, q, share in out.tolist():
+        if seg >= len(lens):
+            continue
+        assert share_of.setdefault((seg, m0), share) == share
+        seen.setdefault((seg, m0), []).append(q)
+    tiles = {(s, m0) for s, n in enumerate(lens) for m0 in range(0, n, 16)}
+    assert set(seen) == tiles
+    for key, qs in seen.items():
+        assert sorted(qs) == list(range(share_of[key]))
+    assert sum(share_of.values()) <= grid
+    by_rank = sorted((ranks[s], share) for (s, _), share in share_of.items())
+    assert [share for _, share in by_rank] == sorted(share for _, share in by_rank)
+    assert share_of[(5, 0)] > share_of[(0, 0)]  # rank 128 over rank 8
 
 
 # (T, in, outs, dtype): S = 1, 2, 3, each dtype once.

@@ -23,7 +23,8 @@ Two kernel families, picked on the host from the mean tokens per segment ``T / N
   column blocks, shrink's axis 2 its K splits. ``BLOCK_M``-token tiles feed ``tl.dot``.
 * Decode (1-16 tokens per segment; :class:`DecodeShrinkConfig` / :class:`DecodeExpandConfig`). A 1-D
   grid of ``P >= cdiv(T, 16) + N`` programs (``P`` ~ a few per SM) is shared at run time by the
-  *active* tiles: with ``n`` of them, each gets ``P // n`` programs, which split its work (expand:
+  *active* tiles, in proportion to the weight bytes each streams (``_decode_tile``: a rank-64
+  adapter's tile gets more programs than a rank-8 one's), which split its work (expand:
   runs of column tiles of all slices; shrink: 16-column tiles of the adapter's ``r * S`` fused
   columns, times K splits). One tile per segment of up to 16 tokens, so each adapter's rows are
   read once; each program streams several tiles of weights through a pipelined loop instead of
@@ -351,18 +352,46 @@ def _segment_tile(pid, seg_len_ptr, num_segs, BLOCK_M: tl.constexpr, BLOCK_SEG: 
 
 
 @triton.jit
-def _decode_tile(seg_len_ptr, num_segs, BLOCK_M: tl.constexpr, BLOCK_SEG: tl.constexpr):
+def _decode_tile(
+    seg_len_ptr,
+    seg_rank_ptr,
+    num_segs,
+    BLOCK_M: tl.constexpr,
+    BLOCK_SEG: tl.constexpr,
+    SHRINK_SLICES: tl.constexpr,
+):
     """Decode kernels: ``(segment, first token offset, q, per_tile)`` of this program.
 
-    The active tiles share the grid equally, ``per_tile = num_programs // active tiles`` each (>= 1:
-    the grid has at least one program per possible tile); this program is number ``q`` of its tile.
+    Every active tile gets one program, and the rest of the grid is shared out in proportion to the
+    work of one tile, ``w``: a tile of segment ``s`` gets ``per_tile = 1 + spare * w_s // W`` programs,
+    with ``spare`` = programs - active tiles and ``W`` the sum of ``w`` over the active tiles (so the
+    tiles take at most the whole grid). ``w`` counts the weight bytes a tile streams, in units:
+    ``SHRINK_SLICES`` > 0 (the shrink, S slices): its 16-wide fused column tiles, ``cdiv(r * S, 16)``;
+    0 (the expand): its rank chunk over 16 (1, 2, 4, 8; every loop step moves the same bytes). Equal
+    shares let the programs of a rank-64 adapter's tile run 4-8x longer than those of rank 8 or 16,
+    and a kernel lasts as long as its busiest program. This program is number ``q`` of its tile.
     Segment >= num_segs: no work.
     """
-    idx, tiles, ends = _segment_tiles(seg_len_ptr, num_segs, BLOCK_M, BLOCK_SEG)
-    per_tile = tl.num_programs(0) // tl.maximum(tl.sum(tiles, axis=0), 1)
+    idx = tl.arange(0, BLOCK_SEG)
+    live = idx < num_segs
+    lens = tl.load(seg_len_ptr + idx, mask=live, other=0)
+    ranks = tl.load(seg_rank_ptr + idx, mask=live, other=0)
+    tiles = (lens + BLOCK_M - 1) // BLOCK_M
+    if SHRINK_SLICES > 0:
+        work = (ranks * SHRINK_SLICES + 15) // 16
+    else:
+        work = 1 << ((ranks > 16).to(tl.int32) + (ranks > 32).to(tl.int32) + (ranks > 64).to(tl.int32))
+    work = tl.maximum(work, 1)
+    spare = tl.num_programs(0) - tl.sum(tiles, axis=0)
+    per_tile = 1 + spare * work // tl.maximum(tl.sum(tiles * work, axis=0), 1)
+    progs = tiles * per_tile
+    ends = tl.cumsum(progs, axis=0)
     pid = tl.program_id(0)
-    seg, m0 = _locate_tile(pid // per_tile, idx, tiles, ends, BLOCK_M)
-    return seg, m0, pid % per_tile, per_tile
+    seg = tl.sum((ends <= pid).to(tl.int32), axis=0)
+    first = tl.sum(tl.where(idx == seg, ends - progs, 0), axis=0)
+    share = tl.maximum(tl.sum(tl.where(idx == seg, per_tile, 0), axis=0), 1)
+    local = pid - first
+    return seg, (local // share) * BLOCK_M, local % share, share
 
 
 @triton.jit
@@ -494,7 +523,7 @@ def _shrink_decode_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    seg, m0, q, per_tile = _decode_tile(seg_len_ptr, num_segs, BLOCK_M, BLOCK_SEG)
+    seg, m0, q, per_tile = _decode_tile(seg_len_ptr, seg_rank_ptr, num_segs, BLOCK_M, BLOCK_SEG, NUM_SLICES)
     if seg >= num_segs:
         return
     start = tl.load(seg_start_ptr + seg)
@@ -805,7 +834,7 @@ def _expand_decode_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    seg, m0, q, per_tile = _decode_tile(seg_len_ptr, num_segs, BLOCK_M, BLOCK_SEG)
+    seg, m0, q, per_tile = _decode_tile(seg_len_ptr, seg_rank_ptr, num_segs, BLOCK_M, BLOCK_SEG, 0)
     if seg >= num_segs:
         return
     start = tl.load(seg_start_ptr + seg)

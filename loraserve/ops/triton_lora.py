@@ -72,11 +72,12 @@ MAX_DECODE_RANK = 128
 # The decode expand's rank chunks: 16, 32, 64, 128.
 _DECODE_CHUNKS = (MAX_DECODE_RANK // 16).bit_length()
 # Decode grids: programs per SM. A few resident programs per SM, each streaming tens of KB through a
-# pipelined loop, keep enough loads in flight to approach copy bandwidth. The grid should fit in one
-# wave: on sm_90 the shrink needs ~70 registers per thread and 24 KB of shared memory (6+ programs
-# fit per SM), the expand 110-140 registers at 8 KB B tiles (3-4 fit).
+# pipelined loop, keep enough loads in flight to approach copy bandwidth. 4 per SM and 3 pipeline
+# stages for both kernels, 512-byte K steps for the shrink: the best of a sweep over 2-8 programs per SM,
+# 3-4 stages, K steps of 128-512 bytes and B tiles of 4-16 KB on the H200 (T = 256 over 32 and 128
+# adapters, rank 16, in CUDA graphs: benchmarks/RESULTS.md, eighth session).
 _DECODE_SHRINK_PROGRAMS_PER_SM = 4
-_DECODE_EXPAND_PROGRAMS_PER_SM = 3
+_DECODE_EXPAND_PROGRAMS_PER_SM = 4
 # Integer arguments that change from step to step (segment count; the tiled shrink's K split).
 # Triton would otherwise compile a variant per value class (== 1, divisible by 16): a compile in
 # the middle of serving stalls a step for about a second. t's slice stride (T * max_rank) keeps
@@ -200,7 +201,7 @@ class DecodeShrinkConfig:
     programs: int
     block_k: int
     num_warps: int = 4
-    num_stages: int = 4
+    num_stages: int = 3
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,7 @@ class DecodeExpandConfig:
     programs: int
     b_tile: int = 4096
     num_warps: int = 4
-    num_stages: int = 4
+    num_stages: int = 3
 
     def __post_init__(self) -> None:
         if self.b_tile < 16 * MAX_DECODE_RANK or self.b_tile & (self.b_tile - 1):
@@ -303,8 +304,8 @@ def shrink_config(
 ) -> ShrinkConfig | DecodeShrinkConfig:
     """Default shrink configuration: decode kernel for decode-like batches, else tiled."""
     if _use_decode(num_tokens, num_segs, max_rank):
-        # 256 bytes of each row per K step: [16, block_k] tiles of x and A, 4 KB of A per step.
-        return DecodeShrinkConfig(programs=_DECODE_SHRINK_PROGRAMS_PER_SM * num_sms, block_k=256 // elem_size)
+        # 512 bytes of each row per K step: [16, block_k] tiles of x and A, 8 KB of A per step.
+        return DecodeShrinkConfig(programs=_DECODE_SHRINK_PROGRAMS_PER_SM * num_sms, block_k=512 // elem_size)
     return tiled_shrink_config(num_tokens, num_segs, in_features, num_slices, max_rank, elem_size, num_sms)
 
 

@@ -338,18 +338,26 @@ def _segment_tiles(seg_len_ptr, num_segs, BLOCK_M: tl.constexpr, BLOCK_SEG: tl.c
 
 
 @triton.jit
-def _locate_tile(tile, idx, tiles, ends, BLOCK_M: tl.constexpr):
-    """``(segment, first token offset in it)`` of tile number ``tile``; segment >= num_segs past the last."""
-    seg = tl.sum((ends <= tile).to(tl.int32), axis=0)
-    first_tile = tl.sum(tl.where(idx == seg, ends - tiles, 0), axis=0)
-    return seg, (tile - first_tile) * BLOCK_M
+def _locate(n, idx, counts, ends):
+    """``(segment, index within it)`` of item ``n`` of items numbered segment after segment, ``counts``
+    per segment and ``ends`` their inclusive prefix sum; segment >= num_segs past the last."""
+    seg = tl.sum((ends <= n).to(tl.int32), axis=0)
+    first = tl.sum(tl.where(idx == seg, ends - counts, 0), axis=0)
+    return seg, n - first
+
+
+@triton.jit
+def _rank_chunk(rank):
+    """Index of the decode expand's rank chunk (16 * 2**i: 16, 32, 64, 128), the smallest holding ``rank``."""
+    return (rank > 16).to(tl.int32) + (rank > 32).to(tl.int32) + (rank > 64).to(tl.int32)
 
 
 @triton.jit
 def _segment_tile(pid, seg_len_ptr, num_segs, BLOCK_M: tl.constexpr, BLOCK_SEG: tl.constexpr):
     """Tiled kernels: program ``pid`` takes tile ``pid``; segment >= num_segs: no work."""
     idx, tiles, ends = _segment_tiles(seg_len_ptr, num_segs, BLOCK_M, BLOCK_SEG)
-    return _locate_tile(pid, idx, tiles, ends, BLOCK_M)
+    seg, tile = _locate(pid, idx, tiles, ends)
+    return seg, tile * BLOCK_M
 
 
 @triton.jit
@@ -373,25 +381,15 @@ def _decode_tile(
     and a kernel lasts as long as its busiest program. This program is number ``q`` of its tile.
     Segment >= num_segs: no work.
     """
-    idx = tl.arange(0, BLOCK_SEG)
-    live = idx < num_segs
-    lens = tl.load(seg_len_ptr + idx, mask=live, other=0)
-    ranks = tl.load(seg_rank_ptr + idx, mask=live, other=0)
-    tiles = (lens + BLOCK_M - 1) // BLOCK_M
-    if SHRINK_SLICES > 0:
-        work = (ranks * SHRINK_SLICES + 15) // 16
-    else:
-        work = 1 << ((ranks > 16).to(tl.int32) + (ranks > 32).to(tl.int32) + (ranks > 64).to(tl.int32))
+    idx, tiles, _ = _segment_tiles(seg_len_ptr, num_segs, BLOCK_M, BLOCK_SEG)
+    ranks = tl.load(seg_rank_ptr + idx, mask=idx < num_segs, other=0)
+    work = (ranks * SHRINK_SLICES + 15) // 16 if SHRINK_SLICES > 0 else 1 << _rank_chunk(ranks)
     work = tl.maximum(work, 1)
     spare = tl.num_programs(0) - tl.sum(tiles, axis=0)
     per_tile = 1 + spare * work // tl.maximum(tl.sum(tiles * work, axis=0), 1)
     progs = tiles * per_tile
-    ends = tl.cumsum(progs, axis=0)
-    pid = tl.program_id(0)
-    seg = tl.sum((ends <= pid).to(tl.int32), axis=0)
-    first = tl.sum(tl.where(idx == seg, ends - progs, 0), axis=0)
+    seg, local = _locate(tl.program_id(0), idx, progs, tl.cumsum(progs, axis=0))
     share = tl.maximum(tl.sum(tl.where(idx == seg, per_tile, 0), axis=0), 1)
-    local = pid - first
     return seg, (local // share) * BLOCK_M, local % share, share
 
 
@@ -848,7 +846,7 @@ def _expand_decode_kernel(
     # The smallest rank chunk (16 * 2**i: 16, 32, 64, 128) that holds this segment's rank, so that a
     # rank-16 adapter in a batch with max_rank 64 loads [16, B_TILE // 16] B tiles. One loop per chunk
     # size keeps each a single pipelined sweep.
-    chunk = (rank > 16).to(tl.int32) + (rank > 32).to(tl.int32) + (rank > 64).to(tl.int32)
+    chunk = _rank_chunk(rank)
     for i in tl.static_range(NUM_CHUNKS):
         if chunk == i:
             _expand_decode_tiles(
